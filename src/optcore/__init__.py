@@ -1,0 +1,47 @@
+"""optcore: fused, in-place, multi-threaded float32 kernels for CPU training loops."""
+from optcore._config import config, show_config
+from optcore._kernels._runtime import (
+    get_flush_denormal,
+    get_num_threads,
+    set_flush_denormal,
+    set_num_threads,
+)
+from optcore import kernels
+from optcore.optim import (
+    SGD,
+    AdaGrad,
+    Adagrad,
+    AdaMax,
+    Adam,
+    Adamax,
+    AdamW,
+    NAdam,
+    Optimizer,
+    RMSProp,
+    RMSprop,
+)
+from optcore.params import Parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Parameters",
+    "Optimizer",
+    "SGD",
+    "AdaGrad",
+    "Adagrad",
+    "RMSProp",
+    "RMSprop",
+    "Adam",
+    "AdamW",
+    "AdaMax",
+    "Adamax",
+    "NAdam",
+    "kernels",
+    "config",
+    "show_config",
+    "set_num_threads",
+    "get_num_threads",
+    "set_flush_denormal",
+    "get_flush_denormal",
+]

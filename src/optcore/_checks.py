@@ -1,0 +1,114 @@
+"""Validation shared by every public entry point.
+
+Every check raises before anything is written, with a TypeError (wrong kind of object or
+dtype) or ValueError (wrong value, shape, layout, range) that names the argument.
+"""
+import math
+from numbers import Real
+
+import numpy as np
+
+
+def float32_buffer(name, a, *, writeable=True):
+    """Check that ``a`` is a C-contiguous float32 ndarray (writeable when asked); return it."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of float32, got {type(a).__name__}")
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must have dtype float32, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(
+            f"{name} must be C-contiguous (got strides {a.strides} for shape {a.shape}); "
+            "optcore never copies silently: pass np.ascontiguousarray(...) and copy back"
+        )
+    if writeable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place and must be writeable")
+    return a
+
+
+def array_list(name, x, *, writeable=True):
+    """Return ``x`` (an ndarray or a sequence of them) as a list of checked float32 arrays."""
+    if isinstance(x, np.ndarray):
+        return [float32_buffer(name, x, writeable=writeable)]
+    if not isinstance(x, (list, tuple)):
+        raise TypeError(
+            f"{name} must be a float32 ndarray or a list of them, got {type(x).__name__}"
+        )
+    return [float32_buffer(f"{name}[{i}]", a, writeable=writeable) for i, a in enumerate(x)]
+
+
+def same_sizes(reference_name, reference, name, arrays):
+    """Check that ``arrays`` pairs one-to-one with ``reference`` with equal sizes."""
+    if len(arrays) != len(reference):
+        raise ValueError(
+            f"{name} has {len(arrays)} tensors but {reference_name} has {len(reference)}"
+        )
+    for i, (r, a) in enumerate(zip(reference, arrays)):
+        if a.size != r.size:
+            raise ValueError(
+                f"{name}[{i}] has {a.size} elements (shape {a.shape}) but "
+                f"{reference_name}[{i}] has {r.size} (shape {r.shape})"
+            )
+
+
+def _extent(a):
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+def no_overlap(named_lists):
+    """Check that no two of the given arrays share memory.
+
+    ``named_lists`` maps an argument name to a list of C-contiguous arrays; for those, memory
+    bounds overlap exactly when memory is shared. O(n log n) in the number of arrays.
+    """
+    spans = []
+    for name, arrays in named_lists.items():
+        for i, a in enumerate(arrays):
+            if a.size:
+                lo, hi = _extent(a)
+                label = name if len(arrays) == 1 else f"{name}[{i}]"
+                spans.append((lo, hi, label))
+    spans.sort()
+    for (lo1, hi1, n1), (lo2, hi2, n2) in zip(spans, spans[1:]):
+        if lo2 < hi1:
+            raise ValueError(f"{n1} and {n2} share memory; each buffer must be distinct")
+
+
+def real(name, value):
+    """Check that ``value`` is a real number (not bool) and return it as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def in_range(name, value, lo=-math.inf, hi=math.inf, *, lo_open=False, hi_open=False):
+    """Check ``lo <= value <= hi`` (with open ends when asked); NaN is always rejected."""
+    v = real(name, value)
+    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {left}{lo}, {hi}{right}, got {value!r}")
+    return v
+
+
+def nonnegative(name, value):
+    return in_range(name, value, 0.0, math.inf)
+
+
+def finite(name, value):
+    return in_range(name, value, -math.inf, math.inf, lo_open=True, hi_open=True)
+
+
+def positive_int(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def boolean(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)

@@ -1,0 +1,1 @@
+"""Compiled kernels. Only the modules in this package contain loops over elements."""

@@ -1,0 +1,34 @@
+# Declarations shared by the kernel families: the C conventions of oc_common.h, the execution
+# settings handed to every kernel, and the tensor table that multi-tensor kernels walk.
+from libc.stdint cimport int64_t
+
+cdef extern from "oc_common.h" nogil:
+    enum: OC_CHUNK
+    enum: OC_MAX_SLOTS
+    ctypedef struct oc_exec:
+        int nthreads
+        int ftz
+    ctypedef struct oc_list:
+        int64_t ntensors
+        int64_t nchunks
+        int64_t total
+        const int64_t *lengths
+        const int64_t *chunk_tensor
+        const int64_t *chunk_start
+        float **slots[OC_MAX_SLOTS]
+
+
+cdef oc_exec exec_begin(int64_t total) noexcept nogil
+cdef void exec_end(oc_exec ex) noexcept nogil
+
+
+cdef class TensorList:
+    cdef oc_list c
+    cdef readonly int64_t ntensors
+    cdef readonly int64_t total
+    cdef readonly object lengths
+    cdef object _chunk_tensor
+    cdef object _chunk_start
+    cdef list _tables
+    cdef list _refs
+    cdef _set(self, Py_ssize_t s, arrays)

@@ -1,0 +1,265 @@
+/* Fused in-place optimizer updates over a table of float32 tensors.
+ *
+ * Slots of the oc_list: 0 parameter, 1 gradient, 2 gradient accumulator (optional), 3..5 the
+ * rule's state buffers. Every buffer is read and written once per call.
+ *
+ * Per tile, the gradient the rule sees is
+ *     g = clamp((grad + acc) * scale * tensor_scale[t], +-clamp) + weight_decay * p
+ * (acc, tensor_scale, clamp and weight_decay each only when set; scale is negative for
+ * `maximize`), then decoupled decay p *= decay, then the rule, then optionally the L1
+ * proximal step p = sign(p) * max(|p| - l1_thresh, 0).
+ * The formulas of the rules are those documented by torch.optim; scalars that depend on the
+ * step (bias corrections, schedules) are computed in float64 by the caller.
+ */
+#ifndef OC_OPTIM_H
+#define OC_OPTIM_H
+
+#include "oc_common.h"
+
+#define OC_RESTRICT __restrict__
+
+typedef struct {
+    float scale;               /* gradient multiplier: grad_scale, negated for maximize */
+    const float *tensor_scale; /* per-tensor multiplier (ntensors entries) or NULL */
+    float clamp;               /* |g| bound after scaling; INFINITY when off */
+    float weight_decay;        /* coupled L2: g += weight_decay * p */
+    float decay;               /* decoupled weight decay factor applied to p first; 1 when off */
+    float l1_thresh;           /* soft threshold of the L1 proximal step; 0 when off */
+} oc_gradopts;
+
+/* The gradient of one tile as the rule sees it. Returns `grad` itself when nothing changes it,
+ * else fills and returns `buf`. */
+static inline __attribute__((always_inline)) const float *
+oc_grad_tile(float *OC_RESTRICT buf, const float *OC_RESTRICT grad, const float *OC_RESTRICT acc,
+             const float *OC_RESTRICT p, int64_t n, float s, const oc_gradopts *o) {
+    const float c = o->clamp, wd = o->weight_decay;
+    if (acc == NULL && s == 1.0f && !(c < INFINITY) && wd == 0.0f) return grad;
+    if (acc != NULL) {
+        for (int64_t i = 0; i < n; i++) buf[i] = (grad[i] + acc[i]) * s;
+    } else {
+        for (int64_t i = 0; i < n; i++) buf[i] = grad[i] * s;
+    }
+    if (c < INFINITY) {
+        for (int64_t i = 0; i < n; i++) {
+            float g = buf[i];
+            buf[i] = g > c ? c : (g < -c ? -c : g);  /* NaN passes through */
+        }
+    }
+    if (wd != 0.0f) {
+        for (int64_t i = 0; i < n; i++) buf[i] = buf[i] + wd * p[i];
+    }
+    return buf;
+}
+
+static inline __attribute__((always_inline)) void
+oc_decay_tile(float *OC_RESTRICT p, int64_t n, float decay) {
+    if (decay != 1.0f)
+        for (int64_t i = 0; i < n; i++) p[i] = p[i] * decay;
+}
+
+static inline __attribute__((always_inline)) void
+oc_l1_tile(float *OC_RESTRICT p, int64_t n, float t) {
+    if (t > 0.0f) {
+        for (int64_t i = 0; i < n; i++) {
+            float a = fabsf(p[i]) - t;
+            p[i] = a <= 0.0f ? 0.0f : copysignf(a, p[i]);  /* NaN passes through */
+        }
+    }
+}
+
+/* max(a, b) that returns NaN when either is NaN, like torch.maximum. */
+static inline __attribute__((always_inline)) float oc_nanmax(float a, float b) {
+    return (a > b || a != a) ? a : b;
+}
+
+/* ---- rules: one tile, g already prepared --------------------------------------------- */
+
+typedef struct { float lr, momentum, dampening_c; int nesterov, first; } oc_sgd_h;
+
+static inline __attribute__((always_inline)) void
+oc_sgd_tile(const oc_sgd_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+            float *OC_RESTRICT buf, float *OC_RESTRICT unused1, float *OC_RESTRICT unused2, int64_t n) {
+    (void)unused1; (void)unused2;
+    const float lr = h->lr, mu = h->momentum, dc = h->dampening_c;
+    if (buf == NULL) {
+        for (int64_t i = 0; i < n; i++) p[i] = p[i] - lr * g[i];
+    } else if (h->first) {
+        if (h->nesterov)
+            for (int64_t i = 0; i < n; i++) { buf[i] = g[i]; p[i] = p[i] - lr * (g[i] + mu * g[i]); }
+        else
+            for (int64_t i = 0; i < n; i++) { buf[i] = g[i]; p[i] = p[i] - lr * g[i]; }
+    } else if (h->nesterov) {
+        for (int64_t i = 0; i < n; i++) {
+            float b = mu * buf[i] + dc * g[i];
+            buf[i] = b;
+            p[i] = p[i] - lr * (g[i] + mu * b);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            float b = mu * buf[i] + dc * g[i];
+            buf[i] = b;
+            p[i] = p[i] - lr * b;
+        }
+    }
+}
+
+typedef struct { float clr, eps; } oc_adagrad_h;
+
+static inline __attribute__((always_inline)) void
+oc_adagrad_tile(const oc_adagrad_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                float *OC_RESTRICT sum, float *OC_RESTRICT unused1, float *OC_RESTRICT unused2, int64_t n) {
+    (void)unused1; (void)unused2;
+    const float clr = h->clr, eps = h->eps;
+    for (int64_t i = 0; i < n; i++) {
+        float s = sum[i] + g[i] * g[i];
+        sum[i] = s;
+        p[i] = p[i] - clr * (g[i] / (sqrtf(s) + eps));
+    }
+}
+
+typedef struct { float lr, alpha, alpha_c, eps, momentum; int centered; } oc_rmsprop_h;
+
+static inline __attribute__((always_inline)) float oc_rms_denom(float sq, float ga, float eps, int centered) {
+    float var = centered ? sq - ga * ga : sq;
+    var = var < 0.0f ? 0.0f : var;  /* rounding can push the centered estimate below 0; NaN passes */
+    return sqrtf(var) + eps;
+}
+
+static inline __attribute__((always_inline)) void
+oc_rmsprop_tile(const oc_rmsprop_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                float *OC_RESTRICT sq, float *OC_RESTRICT gavg, float *OC_RESTRICT buf, int64_t n) {
+    const float lr = h->lr, a = h->alpha, ac = h->alpha_c, eps = h->eps, mu = h->momentum;
+    if (h->centered) {
+        for (int64_t i = 0; i < n; i++) {
+            float s = a * sq[i] + ac * (g[i] * g[i]);
+            float m = a * gavg[i] + ac * g[i];
+            sq[i] = s;
+            gavg[i] = m;
+            float d = oc_rms_denom(s, m, eps, 1);
+            if (buf != NULL) { float b = mu * buf[i] + g[i] / d; buf[i] = b; p[i] = p[i] - lr * b; }
+            else p[i] = p[i] - lr * (g[i] / d);
+        }
+    } else if (buf != NULL) {
+        for (int64_t i = 0; i < n; i++) {
+            float s = a * sq[i] + ac * (g[i] * g[i]);
+            sq[i] = s;
+            float b = mu * buf[i] + g[i] / (sqrtf(s) + eps);
+            buf[i] = b;
+            p[i] = p[i] - lr * b;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            float s = a * sq[i] + ac * (g[i] * g[i]);
+            sq[i] = s;
+            p[i] = p[i] - lr * (g[i] / (sqrtf(s) + eps));
+        }
+    }
+}
+
+typedef struct { float step_size, beta1, beta1_c, beta2, beta2_c, bc2_sqrt, eps; } oc_adam_h;
+
+static inline __attribute__((always_inline)) void
+oc_adam_tile(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+             float *OC_RESTRICT m, float *OC_RESTRICT v, float *OC_RESTRICT vmax, int64_t n) {
+    const float ss = h->step_size, b1 = h->beta1, b1c = h->beta1_c, b2 = h->beta2, b2c = h->beta2_c;
+    const float bc2s = h->bc2_sqrt, eps = h->eps;
+    if (vmax == NULL) {
+        for (int64_t i = 0; i < n; i++) {
+            float mi = b1 * m[i] + b1c * g[i];
+            float vi = b2 * v[i] + b2c * (g[i] * g[i]);
+            m[i] = mi;
+            v[i] = vi;
+            p[i] = p[i] - ss * (mi / (sqrtf(vi) / bc2s + eps));
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            float mi = b1 * m[i] + b1c * g[i];
+            float vi = b2 * v[i] + b2c * (g[i] * g[i]);
+            float vm = oc_nanmax(vmax[i], vi);
+            m[i] = mi;
+            v[i] = vi;
+            vmax[i] = vm;
+            p[i] = p[i] - ss * (mi / (sqrtf(vm) / bc2s + eps));
+        }
+    }
+}
+
+typedef struct { float clr, beta1, beta1_c, beta2, eps; } oc_adamax_h;
+
+static inline __attribute__((always_inline)) void
+oc_adamax_tile(const oc_adamax_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+               float *OC_RESTRICT m, float *OC_RESTRICT u, float *OC_RESTRICT unused, int64_t n) {
+    (void)unused;
+    const float clr = h->clr, b1 = h->beta1, b1c = h->beta1_c, b2 = h->beta2, eps = h->eps;
+    for (int64_t i = 0; i < n; i++) {
+        float mi = b1 * m[i] + b1c * g[i];
+        float ui = oc_nanmax(b2 * u[i], fabsf(g[i]) + eps);
+        m[i] = mi;
+        u[i] = ui;
+        p[i] = p[i] - clr * (mi / ui);
+    }
+}
+
+typedef struct { float coef_g, coef_m, beta1, beta1_c, beta2, beta2_c, bc2, eps; } oc_nadam_h;
+
+static inline __attribute__((always_inline)) void
+oc_nadam_tile(const oc_nadam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+              float *OC_RESTRICT m, float *OC_RESTRICT v, float *OC_RESTRICT unused, int64_t n) {
+    (void)unused;
+    const float cg = h->coef_g, cm = h->coef_m, b1 = h->beta1, b1c = h->beta1_c;
+    const float b2 = h->beta2, b2c = h->beta2_c, bc2 = h->bc2, eps = h->eps;
+    for (int64_t i = 0; i < n; i++) {
+        float mi = b1 * m[i] + b1c * g[i];
+        float vi = b2 * v[i] + b2c * (g[i] * g[i]);
+        float d = sqrtf(vi / bc2) + eps;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = (p[i] - cg * (g[i] / d)) - cm * (mi / d);
+    }
+}
+
+/* ---- drivers: one parallel sweep over the chunks of the table ------------------------- */
+
+#define OC_DEFINE_UPDATE(NAME, H_T, TILE)                                                    \
+    static inline __attribute__((always_inline)) void NAME##_chunk(                         \
+        const oc_list *L, const oc_gradopts *o, const H_T *h, int64_t c) {                   \
+        float gbuf[OC_TILE] __attribute__((aligned(64)));                                    \
+        const int64_t n = oc_chunk_len(L, c);                                                \
+        float s = o->scale;                                                                   \
+        if (o->tensor_scale != NULL) s = s * o->tensor_scale[L->chunk_tensor[c]];            \
+        float *p = oc_slot(L, 0, c), *s1 = oc_slot(L, 3, c);                                 \
+        float *s2 = oc_slot(L, 4, c), *s3 = oc_slot(L, 5, c);                                \
+        const float *gr = oc_slot(L, 1, c), *acc = oc_slot(L, 2, c);                         \
+        for (int64_t i = 0; i < n; i += OC_TILE) {                                           \
+            const int64_t m = n - i < OC_TILE ? n - i : OC_TILE;                             \
+            const float *g = oc_grad_tile(gbuf, gr + i, acc ? acc + i : NULL, p + i, m, s, o); \
+            oc_decay_tile(p + i, m, o->decay);                                               \
+            TILE(h, g, p + i, s1 ? s1 + i : NULL, s2 ? s2 + i : NULL, s3 ? s3 + i : NULL, m); \
+            oc_l1_tile(p + i, m, o->l1_thresh);                                              \
+        }                                                                                     \
+    }                                                                                         \
+    OC_CLONES static void NAME(const oc_list *L, const oc_gradopts *o, const H_T *h,         \
+                               const oc_exec *ex) {                                           \
+        OC_FOR_EACH_CHUNK(L, ex, c, NAME##_chunk(L, o, h, c));                               \
+    }
+
+OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile)
+OC_DEFINE_UPDATE(oc_adagrad_run, oc_adagrad_h, oc_adagrad_tile)
+OC_DEFINE_UPDATE(oc_rmsprop_run, oc_rmsprop_h, oc_rmsprop_tile)
+OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile)
+OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile)
+OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile)
+
+/* Set slot `s` of every tensor to `value` (zero_grad over a table of arrays). */
+static inline __attribute__((always_inline)) void
+oc_fill_chunk(const oc_list *L, int s, float value, int64_t c) {
+    float *x = oc_slot(L, s, c);
+    const int64_t n = oc_chunk_len(L, c);
+    for (int64_t i = 0; i < n; i++) x[i] = value;
+}
+
+OC_CLONES static void oc_fill_run(const oc_list *L, int s, float value, const oc_exec *ex) {
+    OC_FOR_EACH_CHUNK(L, ex, c, oc_fill_chunk(L, s, value, c));
+}
+
+#endif /* OC_OPTIM_H */
