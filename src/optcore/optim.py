@@ -176,7 +176,7 @@ class Optimizer:
         for h, g, pg in zip(hypers, self._groups, self.param_groups):
             go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
                                   decoupled=self.rule.decoupled(h), maximize=h["maximize"],
-                                  grad_scale=1.0)
+                                  grad_scale=1.0, l1=h["l1"])
             self.rule.run(g.table, go, h, g.step + 1, g.scalars)
             g.step += 1
             pg["lr"] = h["lr"]
