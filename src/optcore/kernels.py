@@ -1,4 +1,4 @@
-"""The fused update kernels as functions, one per rule.
+r"""The fused update kernels as functions, one per rule.
 
 Each function updates ``param`` and the state buffers in place in one sweep over memory,
 reading the gradient once, multiplied on the fly by ``grad_scale`` (so that clipping and loss
