@@ -53,7 +53,7 @@ class EMA:
     ----------
     average : Arena or list of ndarray
         The averages: ``ema.average["w1"]`` for an arena, ``ema.average[i]`` for arrays (while
-        :attr:`swapped`, these hold the live parameters instead).
+        ``swapped``, these hold the live parameters instead).
     num_updates : int
     swapped : bool
 
@@ -152,7 +152,7 @@ class EMA:
 
     def state_dict(self):
         """``{"decay", "num_updates", "average"}``: the average as one flat float32 array
-        (taken from the parameters while :attr:`swapped`)."""
+        (taken from the parameters while ``swapped``)."""
         if self.swapped and not self._one_buffer:
             flat = np.zeros_like(self._arena.flat)
             for i, p in enumerate(self._live):

@@ -185,6 +185,7 @@ class Optimizer:
 
     @property
     def schedule(self):
+        """The attached learning-rate schedule (``opt.schedule = sched``), or None."""
         return self._schedule
 
     @schedule.setter
