@@ -180,6 +180,11 @@ def test_attached_onecycle_cycles_momentum_and_beta1():
         adam.step()
         assert sgd.param_groups[0]["momentum"] == s.momentum(t)
         assert adam.param_groups[0]["betas"] == (s.momentum(t), 0.999)
+    joined = optcore.SGD(_pair(), momentum=0.5)
+    joined.schedule = S.join([S.Constant(0.1), s], [3])
+    for t in range(6):
+        joined.step()
+        assert joined.param_groups[0]["momentum"] == (0.5 if t < 3 else s.momentum(t - 3))
     with pytest.raises(ValueError, match="momentum"):
         optcore.SGD(_pair()).schedule = s            # momentum 0: no buffer to cycle
     with pytest.raises(ValueError, match="momentum"):

@@ -204,14 +204,15 @@ class Optimizer:
     def _scheduled_lr(self):
         """Set the momentum (or beta1) from the attached schedule; return this step's lr."""
         t = self._groups[0].step
-        if getattr(self._schedule, "cycles_momentum", False):
-            m = self._schedule.momentum(t)
+        lr = self._schedule(t)
+        m = self._schedule.momentum(t) if getattr(self._schedule, "cycles_momentum", False) else None
+        if m is not None:
             for h in self.param_groups:
                 if "betas" in h:
                     h["betas"] = (m, h["betas"][1])
                 else:
                     h["momentum"] = m
-        return self._schedule(t)
+        return lr
 
     # -- the step -------------------------------------------------------------------------
 
