@@ -156,6 +156,31 @@ def test_l1_sgd_is_prox_of_plain_step(rng):
     np.testing.assert_array_equal(p, want.astype(np.float32))
 
 
+@pytest.mark.parametrize("cls, kw", [(optcore.SGD, {"momentum": 0.9, "nesterov": True}),
+                                     (optcore.Adam, {"amsgrad": True}), (optcore.AdamW, {}),
+                                     (optcore.RMSProp, {"centered": True}), (optcore.AdaGrad, {}),
+                                     (optcore.AdaMax, {}), (optcore.NAdam, {})])
+def test_l1_is_soft_threshold_after_each_update(rng, cls, kw):
+    """Fused l1 == the same optimizer without l1 followed by the float32 soft threshold."""
+    n = 70_000  # several chunks and tiles
+    p1 = rng.standard_normal(n).astype(np.float32)
+    p2 = p1.copy()
+    g = np.empty(n, np.float32)
+    lr, l1 = 0.01, 3.0
+    fused = cls([(p1, g)], lr=lr, l1=l1, **kw)
+    plain = cls([(p2, g)], lr=lr, **kw)
+    t = np.float32(lr * l1)
+    for _ in range(4):
+        g[...] = rng.standard_normal(n)
+        fused.step()
+        plain.step()
+        a = np.abs(p2) - t
+        p2[...] = np.where(a <= 0, np.float32(0), np.copysign(a, p2))
+        # Same float32 operations in the same order: bitwise.
+        np.testing.assert_array_equal(p1, p2)
+    assert np.count_nonzero(p1 == 0) > 0
+
+
 def test_l1_bad_value_changes_nothing(rng):
     p = rng.standard_normal(10).astype(np.float32)
     p0 = p.copy()
