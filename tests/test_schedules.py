@@ -295,3 +295,15 @@ def test_torch_reduce_on_plateau(metrics, mode, tmode, patience, cooldown, thres
         opt.step()
         theirs.step(m)
         assert ours.step(m) == opt.param_groups[0]["lr"]
+
+
+def test_attached_plateau_follows_metric():
+    plateau = S.ReduceLROnPlateau(0.5, patience=0)
+    opt = optcore.SGD(_pair())
+    opt.schedule = plateau
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+    plateau.step(1.0)
+    plateau.step(2.0)          # worse, more than patience=0 bad evaluations: lr * 0.1
+    opt.step()
+    assert math.isclose(opt.param_groups[0]["lr"], 0.05)
