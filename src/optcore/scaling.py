@@ -19,8 +19,9 @@ __all__ = ["GradScaler"]
 
 
 def _f32(x):
-    """Round to float32, as torch keeps the scale in a float32 tensor."""
-    return float(np.float32(x))
+    """Round to float32, as torch keeps the scale in a float32 tensor (inf when too large)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))
 
 
 class GradScaler:
