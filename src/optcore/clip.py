@@ -17,6 +17,7 @@ The clip factor is the one of ``torch.nn.utils.clip_grad_norm_``:
     f = \min\left(1, \frac{c}{\lVert g \rVert + 10^{-6}}\right), \qquad g \leftarrow f\,g .
 """
 import math
+import weakref
 
 import numpy as np
 
@@ -55,24 +56,45 @@ def norm_type_arg(norm_type):
     return v
 
 
-def _tensors(name, x, *, writeable):
-    """Return (arrays, labels) for an ndarray, a list of arrays or an arena."""
+def _label(name, x, i):
+    """How tensor ``i`` of argument ``name`` is called in error messages."""
     if isinstance(x, Arena):
-        arrays = [x[n] for n in x]
-        for n, a in zip(x, arrays):
-            ck.float32_buffer(f"{name}[{n!r}]", a, writeable=writeable)
-        return arrays, [f"{name}[{n!r}]" for n in x]
-    arrays = ck.array_list(name, x, writeable=writeable)
-    if isinstance(x, np.ndarray):
-        return arrays, [name]
-    return arrays, [f"{name}[{i}]" for i in range(len(arrays))]
+        return f"{name}[{x.layout.names[i]!r}]"
+    return name if isinstance(x, np.ndarray) else f"{name}[{i}]"
+
+
+def _tensors(name, x, *, writeable):
+    """Return the list of checked arrays of an ndarray, a list of arrays or an arena."""
+    if isinstance(x, Arena):
+        ck.float32_buffer(f"{name}.flat", x.flat, writeable=writeable)
+        return [x[n] for n in x]
+    return ck.array_list(name, x, writeable=writeable)
+
+
+# An arena's tensors never move: its table is built once (keyed by id, dropped with the arena).
+_ARENA_TABLES = {}
+
+
+def _arena_table(x):
+    key = id(x)
+    hit = _ARENA_TABLES.get(key)
+    if hit is not None and hit[0]() is x:
+        return hit[1]
+    tl = TensorList([[x[n] for n in x]])
+    _ARENA_TABLES[key] = (weakref.ref(x), tl)
+    weakref.finalize(x, _ARENA_TABLES.pop, key, None)
+    return tl
 
 
 def _table(name, x, *, writeable):
-    arrays, labels = _tensors(name, x, writeable=writeable)
+    """A one-slot tensor table over the checked gradients (slot 0)."""
+    if isinstance(x, Arena):
+        ck.float32_buffer(f"{name}.flat", x.flat, writeable=writeable)
+        return _arena_table(x)
+    arrays = ck.array_list(name, x, writeable=writeable)
     if writeable:
         ck.no_overlap({name: arrays})
-    return arrays, labels, TensorList([arrays])
+    return TensorList([arrays])
 
 
 def combine(tsq, tmax, norm_type):
@@ -94,9 +116,9 @@ def first_nonfinite(tsq):
     return int(bad[0]) if bad.size else -1
 
 
-def _raise_nonfinite(labels, tsq):
-    i = first_nonfinite(tsq)
-    raise FloatingPointError(f"{labels[i]} has a non-finite value (NaN or inf)")
+def _raise_nonfinite(name, x, tsq):
+    label = _label(name, x, first_nonfinite(tsq))
+    raise FloatingPointError(f"{label} has a non-finite value (NaN or inf)")
 
 
 def global_norm(grads, norm_type=2):
@@ -135,7 +157,7 @@ def global_norm(grads, norm_type=2):
     ``torch.nn.utils.get_total_norm``; ``optax.global_norm``; ``tf.linalg.global_norm``.
     """
     nt = norm_type_arg(norm_type)
-    _, _, tl = _table("grads", grads, writeable=False)
+    tl = _table("grads", grads, writeable=False)
     tsq, tmax = _norms.sumsq(tl, 0)
     return combine(tsq, tmax, nt)
 
@@ -158,7 +180,7 @@ def tensor_norms(grads, norm_type=2):
         One norm per tensor, in order.
     """
     nt = norm_type_arg(norm_type)
-    _, _, tl = _table("grads", grads, writeable=False)
+    tl = _table("grads", grads, writeable=False)
     tsq, tmax = _norms.sumsq(tl, 0)
     return np.sqrt(tsq) if nt == 2.0 else tmax
 
@@ -212,11 +234,11 @@ def clip_by_global_norm_(grads, max_norm, norm_type=2, error_if_nonfinite=False)
     nt = norm_type_arg(norm_type)
     max_norm = ck.nonnegative("max_norm", max_norm)
     ck.boolean("error_if_nonfinite", error_if_nonfinite)
-    _, labels, tl = _table("grads", grads, writeable=True)
+    tl = _table("grads", grads, writeable=True)
     tsq, tmax = _norms.sumsq(tl, 0)
     total = combine(tsq, tmax, nt)
     if error_if_nonfinite and not math.isfinite(total):
-        _raise_nonfinite(labels, tsq)
+        _raise_nonfinite("grads", grads, tsq)
     f = factor(total, max_norm)
     if f != 1.0:
         _norms.scale(tl, 0, f)
@@ -254,7 +276,7 @@ def clip_by_norm_(grads, max_norm, norm_type=2):
     """
     nt = norm_type_arg(norm_type)
     max_norm = ck.nonnegative("max_norm", max_norm)
-    _, _, tl = _table("grads", grads, writeable=True)
+    tl = _table("grads", grads, writeable=True)
     tsq, tmax = _norms.sumsq(tl, 0)
     norms = np.sqrt(tsq) if nt == 2.0 else tmax
     f = max_norm / (norms + EPS)
@@ -289,7 +311,7 @@ def clip_by_value_(grads, limit):
     ``optax.clip``; NaN elements stay NaN.
     """
     limit = ck.nonnegative("limit", limit)
-    _, _, tl = _table("grads", grads, writeable=True)
+    tl = _table("grads", grads, writeable=True)
     return _norms.clamp(tl, 0, limit)
 
 
@@ -359,8 +381,8 @@ def adaptive_clip_(params, grads, clipping=0.01, eps=1e-3):
     """
     clipping = ck.in_range("clipping", clipping, 0.0, math.inf, lo_open=True)
     eps = ck.nonnegative("eps", eps)
-    ps, _ = _tensors("params", params, writeable=False)
-    gs, _ = _tensors("grads", grads, writeable=True)
+    ps = _tensors("params", params, writeable=False)
+    gs = _tensors("grads", grads, writeable=True)
     ck.same_sizes("params", ps, "grads", gs)
     for i, (p, g) in enumerate(zip(ps, gs)):
         if p.shape != g.shape:
