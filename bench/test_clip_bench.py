@@ -72,7 +72,7 @@ def make_grads(shapes, seed=0):
 
 
 def info(benchmark, arrays, bytes_per_element, pattern):
-    n = sum(a.size for a in arrays)
+    n = sum(math.prod(a.shape) for a in arrays)
     benchmark.extra_info.update(
         elements=n,
         bytes=n * bytes_per_element,
@@ -94,6 +94,16 @@ def test_norm_optcore(benchmark, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_norm_optcore_arena(benchmark, case):
+    params = optcore.Parameters({f"p{i}": s for i, s in enumerate(CASES[case])})
+    for n, a in zip(params, make_grads(CASES[case])):
+        params.grads[n] = a
+    benchmark.group = f"global-norm-{case}"
+    info(benchmark, [params.grads[n] for n in params], 4, "sumsq")
+    benchmark(clip.global_norm, params.grads)
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_norm_numpy_loop(benchmark, case):
     g = make_grads(CASES[case])
     benchmark.group = f"global-norm-{case}"
@@ -108,7 +118,7 @@ def test_norm_torch_foreach(benchmark, case):
     g = [torch.from_numpy(a) for a in make_grads(CASES[case])]
     benchmark.group = f"global-norm-{case}"
     info(benchmark, g, 4, "sumsq")
-    benchmark(torch.nn.utils.get_total_norm, g, 2.0, False, True)
+    benchmark(torch.nn.utils.get_total_norm, g, norm_type=2.0, foreach=True)
 
 
 # ---- global-norm clipping (norm pass + scaling pass) ---------------------------------------
@@ -127,7 +137,7 @@ def test_clip_optcore(benchmark, case):
 def test_clip_torch_foreach(benchmark, case):
     ps = []
     for a in make_grads(CASES[case]):
-        p = torch.empty(0)
+        p = torch.empty(a.shape)
         p.grad = torch.from_numpy(a)
         ps.append(p)
     benchmark.group = f"clip-global-norm-{case}"
