@@ -102,12 +102,15 @@ class GradScaler:
         return self._scale if self._enabled else 1.0
 
     def get_growth_factor(self):
+        """The factor :math:`\\gamma` the scale grows by."""
         return self._growth_factor
 
     def get_backoff_factor(self):
+        """The factor :math:`\\beta` the scale backs off by on overflow."""
         return self._backoff_factor
 
     def get_growth_interval(self):
+        """The number :math:`N` of consecutive finite steps before the scale grows."""
         return self._growth_interval
 
     def scale(self, loss):
