@@ -117,10 +117,35 @@ def test_adaptive_matches_numpy(rng):
         mx = 0.01 * np.maximum(pn, 1e-3)
         ref_g[n] = np.where(gn > mx, g[n] * mx / np.maximum(gn, 1e-6), g[n])
     ref = sgd_reference(P, ref_g, 0.5)
-    info = optcore.SGD(P, lr=0.5, clip=Adaptive(0.01)).step()
+    g0 = P.grads.flat.copy()
+    info = optcore.SGD(P, lr=0.5, clip=Adaptive(0.01), nonfinite="raise").step()
     assert info.clip_factor < 1.0
+    assert info.grad_norm == pytest.approx(math.sqrt(sum(np.sum(x**2) for x in g.values())), rel=1e-6)
+    np.testing.assert_array_equal(P.grads.flat, g0)
     for n in P:
         np.testing.assert_allclose(P[n], ref[n], rtol=1e-6, atol=1e-7)
+
+
+def test_adaptive_with_accumulation_and_scaler_equals_explicit(rng):
+    """Adam + Adaptive over 2 micro-batches with a loss scale == adaptive_clip_ on the mean."""
+    P1 = arena(rng)
+    P2 = optcore.Parameters.from_arrays({n: P1[n] for n in P1})
+    opt1 = optcore.Adam(P1, lr=1e-2, clip=Adaptive(0.02), accumulate=2)
+    opt2 = optcore.Adam(P2, lr=1e-2)
+    scaler = optcore.GradScaler(init_scale=4.0, growth_interval=100)
+    for _ in range(3):
+        micro = [{n: (rng.standard_normal(P1[n].shape) * 0.1).astype(np.float32) for n in P1}
+                 for _ in range(2)]
+        for m in micro:
+            for n in P1:
+                P1.grads[n] = m[n] * np.float32(4.0)
+            opt1.step(scaler=scaler)
+        for n in P2:
+            P2.grads[n] = (micro[0][n] + micro[1][n]) * np.float32(0.5)
+        optcore.clip.adaptive_clip_(P2, P2.grads, 0.02)
+        opt2.step()
+    for n in P1:
+        np.testing.assert_allclose(P1[n], P2[n], rtol=1e-5, atol=1e-6)
 
 
 def test_global_norm_spans_all_groups(rng):
@@ -332,8 +357,8 @@ def test_construction_errors(rng):
         optcore.SGD(P, accumulate=0)
     with pytest.raises(TypeError, match="accumulate"):
         optcore.SGD(P, accumulate=True)
-    with pytest.raises(ValueError, match="Adaptive"):
-        optcore.SGD(P, clip=Adaptive(), accumulate=2)
+    with pytest.raises(ValueError, match="clipping"):
+        optcore.SGD(P, clip=Adaptive(0.0))
     with pytest.raises(ValueError, match="max_norm"):
         optcore.SGD(P, clip=GlobalNorm(-1.0))
 

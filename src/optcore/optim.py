@@ -83,11 +83,48 @@ class _Group:
         slots += [None if s is None else [self.state[s][n] for n in names] for s in self.state_names]
         self.table = TensorList(slots)
         self.acc = None
+        self.units = None
+        self.unit_tensor = None
 
     def enable_accumulation(self):
         """Give the group a gradient accumulator, read by the update kernel as slot 2."""
         self.acc = Arena(self.layout)
         self.table.set_slot(2, [self.acc[n] for n in self.names])
+
+    def enable_units(self):
+        """A second table over the same buffers whose entries are the units of adaptive
+        clipping (the rows along axis 0 of every tensor; a 0-d/1-d tensor is one unit), so
+        that per-unit factors ride on the update kernel's per-tensor scale."""
+        def rows(arrays):
+            return [r for a in arrays for r in _unit_rows(a)]
+
+        slots = [rows(self.params), rows(self.grads),
+                 None if self.acc is None else rows([self.acc[n] for n in self.names])]
+        slots += [None if s is None else rows([self.state[s][n] for n in self.names])
+                  for s in self.state_names]
+        self.units = TensorList(slots)
+        counts = [len(_unit_rows(a)) for a in self.params]
+        self.unit_tensor = np.repeat(np.arange(len(self.params), dtype=np.int64), counts)
+
+    def sums(self, acc_slot):
+        """Norm pass over the gradient (+ accumulator): per-tensor sums of squares and max-abs,
+        and per-unit sums of squares when the group has a unit table."""
+        if self.units is None:
+            tsq, tmax = _norms.sumsq(self.table, 1, acc_slot)
+            return tsq, tmax, None
+        usq, umax = _norms.sumsq(self.units, 1, acc_slot)
+        n = len(self.params)
+        tsq = np.bincount(self.unit_tensor, weights=usq, minlength=n).astype(np.float64)
+        tmax = np.zeros(n)
+        np.maximum.at(tmax, self.unit_tensor, umax)
+        return tsq, tmax, usq
+
+
+def _unit_rows(a):
+    """The units of one tensor as 1-d views: rows along axis 0, or the whole 0-d/1-d tensor."""
+    if a.ndim >= 2:
+        return list(a.reshape(a.shape[0], -1))
+    return [a.reshape(-1)]
 
 
 def _fused_options(clip, nonfinite, accumulate):
@@ -107,11 +144,6 @@ def _fused_options(clip, nonfinite, accumulate):
     if nonfinite not in _NONFINITE:
         raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
     accumulate = ck.positive_int("accumulate", accumulate)
-    if isinstance(clip, _clip.Adaptive) and accumulate > 1:
-        raise ValueError(
-            "clip=Adaptive(...) cannot be combined with accumulate > 1: adaptive clipping "
-            "rescales the gradient buffer in place, which would not clip the accumulated mean"
-        )
     return clip, nonfinite, accumulate
 
 
@@ -152,8 +184,7 @@ class Optimizer:
     clip : ClipPolicy, optional
         ``optcore.clip.GlobalNorm(max_norm)``, ``PerTensorNorm(max_norm)``, ``Value(limit)``
         or ``Adaptive(clipping, eps)``: clip the gradient inside :meth:`step` (over all groups
-        together for ``GlobalNorm``), without rewriting the gradient buffer (except
-        ``Adaptive``, whose unit-wise factors are applied to the gradient in place).
+        together for ``GlobalNorm``), without rewriting the gradient buffer.
     nonfinite : {"propagate", "skip", "raise"}
         What :meth:`step` does with a gradient holding a NaN or inf: update anyway (torch's
         behaviour), skip the step leaving everything unchanged and count it in
@@ -203,9 +234,11 @@ class Optimizer:
             self.rule.check(hyper_g)
             self.param_groups.append(dict(hyper_g, params=list(names)))
             self._groups.append(_Group(self.rule, hyper_g, names, ps, gs))
-        if self.accumulate > 1:
-            for g in self._groups:
+        for g in self._groups:
+            if self.accumulate > 1:
                 g.enable_accumulation()
+            if isinstance(self.clip, _clip.Adaptive):
+                g.enable_units()
 
     def _group_specs(self, params, groups):
         """Return [(overrides, names, params, grads)] for every group."""
@@ -272,7 +305,8 @@ class Optimizer:
         At most two sweeps over memory: a read-only norm pass over the gradient (only when
         clipping by norm, a scaler or a finite check is on), then the fused update, with the
         clip factor, the loss unscaling and the accumulation mean applied on the fly. The
-        gradient buffers are never rewritten (``Adaptive`` clipping excepted).
+        gradient buffers are never rewritten. ``Adaptive`` clipping reads the weights in one
+        more pass (their unit-wise norms).
 
         Parameters
         ----------
@@ -311,11 +345,11 @@ class Optimizer:
         norm_type = getattr(clip, "norm_type", 2.0)
         grad_norm = None
         if scaler is not None or self.nonfinite != "propagate" or isinstance(
-            clip, (_clip.GlobalNorm, _clip.PerTensorNorm)
+            clip, (_clip.GlobalNorm, _clip.PerTensorNorm, _clip.Adaptive)
         ):
-            sums = [_norms.sumsq(g.table, 1, acc_slot) for g in self._groups]
-            tsq = np.concatenate([s for s, _ in sums])
-            tmax = np.concatenate([m for _, m in sums])
+            sums = [g.sums(acc_slot) for g in self._groups]
+            tsq = np.concatenate([s[0] for s in sums])
+            tmax = np.concatenate([s[1] for s in sums])
             if not math.isfinite(float(np.sum(tsq))):
                 if scaler is not None or self.nonfinite == "skip":
                     self.skipped_steps += 1
@@ -336,12 +370,12 @@ class Optimizer:
         elif isinstance(clip, _clip.Value):
             clamp = clip.limit
         elif isinstance(clip, _clip.Adaptive):
-            clip_factor = self._adaptive_(mult, clip)
+            tensor_scale, clip_factor = self._unit_factors(sums, mult, clip)
         for h, g, ts in zip(hypers, self._groups, tensor_scale):
             go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
                                   decoupled=self.rule.decoupled(h), maximize=h["maximize"],
                                   grad_scale=scale, tensor_scale=ts, clamp=clamp)
-            self.rule.run(g.table, go, h, g.step + 1, g.scalars)
+            self.rule.run(g.table if g.units is None else g.units, go, h, g.step + 1, g.scalars)
             g.step += 1
         self._store_lr(hypers)
         self._micro = 0
@@ -365,7 +399,7 @@ class Optimizer:
 
     def _per_tensor_factors(self, sums, mult, clip):
         out, smallest = [], 1.0
-        for tsq, tmax in sums:
+        for tsq, tmax, _ in sums:
             norms = (np.sqrt(tsq) if clip.norm_type == 2.0 else tmax) * mult
             f = clip.max_norm / (norms + _clip.EPS)
             f = np.where(f >= 1.0, 1.0, f)
@@ -374,18 +408,17 @@ class Optimizer:
             out.append(np.ascontiguousarray(f, dtype=np.float32))
         return out, smallest
 
-    def _adaptive_(self, mult, clip):
-        """Unit-wise clipping of the raw (scaled) gradient in place, norms taken unscaled."""
-        smallest = 1.0
-        for g in self._groups:
-            tensor, start, length, _ = _clip._units(g.params)
-            pn = np.sqrt(_norms.unit_sumsq(g.table, 0, tensor, start, length))
-            gn = np.sqrt(_norms.unit_sumsq(g.table, 1, tensor, start, length)) * mult
-            f = _clip._agc_factors(pn, gn, clip.clipping, clip.eps)
-            if f.size and not np.all(f == 1.0):
-                _norms.unit_scale(g.table, 1, tensor, start, length, f)
+    def _unit_factors(self, sums, mult, clip):
+        """AGC factors of every unit, from the unit-wise norms of the weights (one read) and of
+        the (unscaled, averaged) gradient from the norm pass."""
+        out, smallest = [], 1.0
+        for g, (_, _, usq) in zip(self._groups, sums):
+            psq, _ = _norms.sumsq(g.units, 0)
+            f = _clip._agc_factors(np.sqrt(psq), np.sqrt(usq) * mult, clip.clipping, clip.eps)
+            if f.size:
                 smallest = min(smallest, float(np.min(f)))
-        return smallest
+            out.append(f)
+        return out, smallest
 
     def zero_grad(self):
         """Set every gradient of every group to zero."""
