@@ -24,8 +24,9 @@ def fill_grads(P, rng, scale=3.0):
 
 
 def snapshot(opt, P):
-    """Everything a step may change, as bytes."""
+    """Everything a step may change, as bytes (the skip counter apart)."""
     state = opt.state_dict()
+    del state["skipped_steps"]
     return (P.flat.tobytes(), P.grads.flat.tobytes(),
             {k: np.asarray(v).tobytes() for k, v in state.items()}, opt.state_steps)
 
@@ -384,3 +385,34 @@ def test_state_dict_unaffected(rng):
     opt2 = optcore.Adam(arena(rng), clip=GlobalNorm(1.0), accumulate=2)
     opt2.load_state_dict(opt.state_dict())
     assert opt2.state_steps == [2]
+
+
+def test_state_dict_holds_window_and_skipped_steps(rng, tmp_path):
+    P = arena(rng)
+    opt = optcore.Adam(P, lr=1e-2, accumulate=3, nonfinite="skip")
+    fill_grads(P, rng)
+    P.grads["b"][0] = np.nan
+    for _ in range(3):
+        opt.step()  # a window with a NaN: skipped
+    fill_grads(P, rng)
+    opt.step()  # one micro-step into the next window
+    np.savez(tmp_path / "opt.npz", **opt.state_dict())
+    P2 = optcore.Parameters.from_arrays({n: P[n] for n in P})
+    opt2 = optcore.Adam(P2, lr=1e-2, accumulate=3, nonfinite="skip")
+    opt2.load_state_dict(dict(np.load(tmp_path / "opt.npz")))
+    assert opt2.skipped_steps == 1
+    for _ in range(2):
+        fill_grads(P, rng)
+        P2.grads.flat[...] = P.grads.flat
+        assert opt.step() == opt2.step()
+    np.testing.assert_array_equal(P.flat, P2.flat)
+    bad = dict(opt.state_dict(), **{"accumulate.micro": 3})
+    with pytest.raises(ValueError, match="accumulate.micro"):
+        opt2.load_state_dict(bad)
+    opt.step()
+    state = opt.state_dict()
+    del state["group0.accumulator"]
+    before = snapshot(opt2, P2)
+    with pytest.raises(ValueError, match="accumulator"):
+        opt2.load_state_dict(state)
+    assert snapshot(opt2, P2) == before
