@@ -74,7 +74,7 @@ def _array_list(name, x, *, writeable):
     addr, size, bad = _norms.buffers(x, writeable)
     if bad >= 0:
         ck.array_list(name, x, writeable=writeable)
-        raise AssertionError(f"{name}[{bad}] failed the fast check only")  # pragma: no cover
+        raise TypeError(f"{name}[{bad}] does not expose a C-contiguous float32 buffer")
     return list(x), addr, size
 
 
