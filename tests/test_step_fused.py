@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import optcore
 from optcore.clip import Adaptive, GlobalNorm, PerTensorNorm, Value
@@ -416,3 +418,26 @@ def test_state_dict_holds_window_and_skipped_steps(rng, tmp_path):
     with pytest.raises(ValueError, match="accumulator"):
         opt2.load_state_dict(state)
     assert snapshot(opt2, P2) == before
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=4),
+    max_norm=st.floats(1e-3, 1e3),
+    policy=st.sampled_from(["global", "tensor", "value"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_hypothesis_fused_equals_clip_then_step(sizes, max_norm, policy, seed):
+    """The fused step applies exactly the float32 factor the explicit clip applies: bitwise."""
+    r = np.random.default_rng(seed)
+    p1 = [r.standard_normal(n).astype(np.float32) for n in sizes]
+    g1 = [(r.standard_normal(n) * 10).astype(np.float32) for n in sizes]
+    p2 = [a.copy() for a in p1]
+    g2 = [a.copy() for a in g1]
+    clip_policy = {"global": GlobalNorm(max_norm), "tensor": PerTensorNorm(max_norm),
+                   "value": Value(max_norm)}[policy]
+    optcore.SGD(list(zip(p1, g1)), lr=0.1, clip=clip_policy).step()
+    clip_policy.clip_(g2)
+    optcore.SGD(list(zip(p2, g2)), lr=0.1).step()
+    for a, b in zip(p1, p2):
+        np.testing.assert_array_equal(a, b)
