@@ -6,7 +6,7 @@ from optcore._kernels._runtime import (
     set_flush_denormal,
     set_num_threads,
 )
-from optcore import init, kernels, schedules
+from optcore import clip, init, kernels, scaling, schedules
 from optcore.constraints import MaxNorm
 from optcore.ema import EMA
 from optcore.optim import (
@@ -21,8 +21,10 @@ from optcore.optim import (
     Optimizer,
     RMSProp,
     RMSprop,
+    StepResult,
 )
 from optcore.params import Parameters
+from optcore.scaling import GradScaler
 
 __version__ = "0.1.0"
 
@@ -39,11 +41,15 @@ __all__ = [
     "AdaMax",
     "Adamax",
     "NAdam",
+    "StepResult",
+    "GradScaler",
     "kernels",
     "schedules",
     "init",
     "EMA",
     "MaxNorm",
+    "clip",
+    "scaling",
     "config",
     "show_config",
     "set_num_threads",

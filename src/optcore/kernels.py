@@ -19,6 +19,10 @@ method for the lasso). L2 stays ``weight_decay``.
 
 Beside the rules: :func:`ema_update_` (exponential moving average of parameters) and
 :func:`max_norm_` (the max-norm constraint), kernels of the ``_transforms`` family.
+
+The norm and clipping kernels (``global_norm``, ``tensor_norms``, ``clip_by_global_norm_``,
+``clip_by_norm_``, ``clip_by_value_``, ``adaptive_clip_``) are those of :mod:`optcore.clip`,
+re-exported here; :func:`accumulate_` is the gradient-accumulation pass.
 """
 import math
 
@@ -26,10 +30,20 @@ import numpy as np
 
 from optcore import _checks as ck
 from optcore import _rules
-from optcore._kernels import _transforms
+from optcore._kernels import _norms, _transforms
 from optcore._kernels._runtime import TensorList
+from optcore.clip import (
+    adaptive_clip_,
+    clip_by_global_norm_,
+    clip_by_norm_,
+    clip_by_value_,
+    global_norm,
+    tensor_norms,
+)
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamax_", "nadam_", "ema_update_", "max_norm_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamax_", "nadam_",
+           "global_norm", "tensor_norms", "clip_by_global_norm_", "clip_by_norm_",
+           "clip_by_value_", "adaptive_clip_", "accumulate_", "ema_update_", "max_norm_"]
 
 
 def _apply(rule, h, step, param, grad, states, grad_scale, scalars=None):
@@ -349,3 +363,32 @@ def max_norm_(weight, max_value, axis=0):
     units, k, rows = _max_norm_layout(weight.shape, axis)
     if weight.size:
         _transforms.max_norm(weight, units, k, rows, max_value)
+
+
+def accumulate_(acc, grad, *, first=False):
+    r"""Gradient accumulation in place, in one pass: ``acc += grad`` (``acc = grad`` when
+    ``first``).
+
+    .. math::
+        a \leftarrow \begin{cases} g & \text{first} \\ a + g & \text{otherwise} \end{cases}
+
+    Parameters
+    ----------
+    acc : ndarray or list of ndarray
+        float32 C-contiguous accumulators, updated in place.
+    grad : ndarray or list of ndarray
+        The micro-batch gradients (read only), same sizes.
+    first : bool
+        Overwrite instead of adding (the first micro-batch of a window), so the accumulator
+        never needs zeroing.
+
+    References
+    ----------
+    ``optax.MultiSteps``; Keras ``gradient_accumulation_steps``.
+    """
+    ck.boolean("first", first)
+    accs = ck.array_list("acc", acc)
+    grads = ck.array_list("grad", grad, writeable=False)
+    ck.same_sizes("acc", accs, "grad", grads)
+    ck.no_overlap({"acc": accs, "grad": grads})
+    _norms.accumulate(TensorList([accs, grads]), 1, 0, first)
