@@ -4,18 +4,60 @@ Names, defaults and update rules follow ``torch.optim``. One ``step()`` is one f
 call per parameter group: every state buffer is read and written once, nothing the size of
 the parameters is allocated, and Python does work proportional to the number of groups only.
 """
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 from optcore import _checks as ck
 from optcore import _rules
-from optcore._kernels import _optim
+from optcore import clip as _clip
+from optcore._kernels import _norms, _optim
 from optcore._kernels._runtime import TensorList
 from optcore.params import Arena, Layout, Parameters
+from optcore.scaling import GradScaler
 
-__all__ = ["Optimizer", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaMax", "NAdam"]
+__all__ = ["Optimizer", "StepResult", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaMax", "NAdam"]
 
 # Hyper-parameters that decide which state buffers exist; fixed after construction.
 _STRUCTURAL = ("momentum", "centered", "amsgrad")
+
+_NONFINITE = ("propagate", "skip", "raise")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one :meth:`Optimizer.step` did.
+
+    Attributes
+    ----------
+    grad_norm : float or None
+        Global norm (of the clip policy's ``norm_type``, else L2) of the gradient the update
+        used -- after unscaling by the loss scale and averaging over accumulated
+        micro-batches, before clipping -- when the step ran a norm pass (clipping by norm,
+        a scaler, or ``nonfinite`` other than ``"propagate"``); None otherwise, and on
+        micro-steps.
+    clip_factor : float
+        The factor clipping applied to the gradient: the global factor for ``GlobalNorm``,
+        the smallest per-tensor (per-unit) factor for ``PerTensorNorm`` (``Adaptive``);
+        1.0 when nothing was scaled (no clipping, ``Value``, micro-steps, skipped steps).
+    skipped : bool
+        True when the step was skipped because the gradient held a NaN or inf
+        (``nonfinite="skip"``, or a scaler found an overflow): nothing changed.
+    loss_scale : float or None
+        The scaler's scale the gradients of this step were multiplied by (before the scaler
+        adjusted it), or None without an enabled scaler.
+    applied : bool
+        True when the parameters were updated; False on skipped steps and on the first
+        ``accumulate - 1`` calls of a window (micro-steps), which only add the gradient to
+        the accumulation buffer.
+    """
+
+    grad_norm: object
+    clip_factor: float
+    skipped: bool
+    loss_scale: object
+    applied: bool
 
 
 class _Group:
@@ -40,6 +82,45 @@ class _Group:
         slots = [params, grads, None]
         slots += [None if s is None else [self.state[s][n] for n in names] for s in self.state_names]
         self.table = TensorList(slots)
+        self.acc = None
+
+    def enable_accumulation(self):
+        """Give the group a gradient accumulator, read by the update kernel as slot 2."""
+        self.acc = Arena(self.layout)
+        self.table.set_slot(2, [self.acc[n] for n in self.names])
+
+
+def _fused_options(clip, nonfinite, accumulate):
+    """Check ``clip``, ``nonfinite`` and ``accumulate`` together, at construction."""
+    if isinstance(clip, (list, tuple)):
+        raise ValueError(
+            f"clip takes one policy, got {len(clip)}: combining clipping policies is ambiguous "
+            "(which one first?); clip by one, or clip explicitly with optcore.clip"
+        )
+    if clip is not None and not isinstance(clip, _clip.ClipPolicy):
+        raise TypeError(
+            "clip must be None or an optcore.clip policy (GlobalNorm, PerTensorNorm, Value, "
+            f"Adaptive), got {type(clip).__name__}"
+        )
+    if not isinstance(nonfinite, str):
+        raise TypeError(f"nonfinite must be a str, got {type(nonfinite).__name__}")
+    if nonfinite not in _NONFINITE:
+        raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+    accumulate = ck.positive_int("accumulate", accumulate)
+    if isinstance(clip, _clip.Adaptive) and accumulate > 1:
+        raise ValueError(
+            "clip=Adaptive(...) cannot be combined with accumulate > 1: adaptive clipping "
+            "rescales the gradient buffer in place, which would not clip the accumulated mean"
+        )
+    return clip, nonfinite, accumulate
+
+
+def _scaler_arg(scaler):
+    if scaler is None:
+        return None
+    if not isinstance(scaler, GradScaler):
+        raise TypeError(f"scaler must be an optcore.scaling.GradScaler, got {type(scaler).__name__}")
+    return scaler if scaler.is_enabled() else None
 
 
 def _pairs(arg, name):
@@ -56,7 +137,7 @@ def _pairs(arg, name):
 
 
 class Optimizer:
-    """Base class: parameter groups, ``step``, ``zero_grad``, ``state_dict``.
+    r"""Base class: parameter groups, ``step``, ``zero_grad``, ``state_dict``.
 
     Parameters
     ----------
@@ -68,6 +149,21 @@ class Optimizer:
         With a ``Parameters`` arena only: groups ``{"params": [names], <hyper>: value}``
         overriding the defaults (e.g. no weight decay on biases). Names not listed form a last
         group with the defaults.
+    clip : ClipPolicy, optional
+        ``optcore.clip.GlobalNorm(max_norm)``, ``PerTensorNorm(max_norm)``, ``Value(limit)``
+        or ``Adaptive(clipping, eps)``: clip the gradient inside :meth:`step` (over all groups
+        together for ``GlobalNorm``), without rewriting the gradient buffer (except
+        ``Adaptive``, whose unit-wise factors are applied to the gradient in place).
+    nonfinite : {"propagate", "skip", "raise"}
+        What :meth:`step` does with a gradient holding a NaN or inf: update anyway (torch's
+        behaviour), skip the step leaving everything unchanged and count it in
+        ``skipped_steps`` (optax's ``apply_if_finite``), or raise FloatingPointError naming
+        the first such tensor, leaving everything unchanged.
+    accumulate : int
+        Gradient accumulation over ``k`` micro-batches (optax ``MultiSteps``, Keras
+        ``gradient_accumulation_steps``): the first ``k - 1`` calls of :meth:`step` add the
+        gradient into an accumulation buffer; the ``k``-th updates with the mean
+        :math:`(\sum_j g_j) / k`, read on the fly.
     **hyper
         The rule's hyper-parameters (same names and defaults as ``torch.optim``).
 
@@ -82,10 +178,14 @@ class Optimizer:
 
     rule = _rules.Rule
 
-    def __init__(self, params, groups=None, **hyper):
+    def __init__(self, params, groups=None, *, clip=None, nonfinite="propagate", accumulate=1,
+                 **hyper):
         unknown = set(hyper) - set(self.rule.defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected hyper-parameters {sorted(unknown)}")
+        self.clip, self.nonfinite, self.accumulate = _fused_options(clip, nonfinite, accumulate)
+        self.skipped_steps = 0
+        self._micro = 0
         self.defaults = dict(self.rule.defaults, **hyper)
         self.rule.check(self.defaults)
         self.parameters = params if isinstance(params, Parameters) else None
@@ -103,6 +203,9 @@ class Optimizer:
             self.rule.check(hyper_g)
             self.param_groups.append(dict(hyper_g, params=list(names)))
             self._groups.append(_Group(self.rule, hyper_g, names, ps, gs))
+        if self.accumulate > 1:
+            for g in self._groups:
+                g.enable_accumulation()
 
     def _group_specs(self, params, groups):
         """Return [(overrides, names, params, grads)] for every group."""
@@ -163,23 +266,126 @@ class Optimizer:
             hypers.append(h)
         return hypers
 
-    def step(self, lr=None):
-        """Apply one update to every parameter group.
+    def step(self, lr=None, scaler=None):
+        """Apply one update to every parameter group (or one micro-step of accumulation).
+
+        At most two sweeps over memory: a read-only norm pass over the gradient (only when
+        clipping by norm, a scaler or a finite check is on), then the fused update, with the
+        clip factor, the loss unscaling and the accumulation mean applied on the fly. The
+        gradient buffers are never rewritten (``Adaptive`` clipping excepted).
 
         Parameters
         ----------
         lr : float, optional
             Learning rate for this step and the following ones (stored in every group), e.g.
             from a schedule: ``opt.step(lr=sched(t))``.
+        scaler : optcore.scaling.GradScaler, optional
+            The gradients are those of ``scaler.scale(loss)``: they are unscaled on the fly;
+            a NaN or inf skips the step (nothing changes, ``skipped_steps`` counts it)
+            whatever ``nonfinite`` says, and the scaler backs off or grows (its ``update``).
+
+        Returns
+        -------
+        StepResult
+            ``grad_norm``, ``clip_factor``, ``skipped``, ``loss_scale``, ``applied``.
+
+        Raises
+        ------
+        FloatingPointError
+            With ``nonfinite="raise"``, naming the first tensor holding a NaN or inf; nothing
+            is changed.
         """
         hypers = self._checked_hyper(lr)
-        for h, g, pg in zip(hypers, self._groups, self.param_groups):
+        scaler = _scaler_arg(scaler)
+        loss_scale = scaler.get_scale() if scaler is not None else None
+        k = self.accumulate
+        if self._micro < k - 1:
+            for g in self._groups:
+                _norms.accumulate(g.table, 1, 2, self._micro == 0)
+            self._micro += 1
+            self._store_lr(hypers)
+            return StepResult(None, 1.0, False, loss_scale, False)
+        acc_slot = 2 if k > 1 else -1
+        mult = 1.0 / k if scaler is None else 1.0 / (k * loss_scale)
+        clip = self.clip
+        norm_type = getattr(clip, "norm_type", 2.0)
+        grad_norm = None
+        if scaler is not None or self.nonfinite != "propagate" or isinstance(
+            clip, (_clip.GlobalNorm, _clip.PerTensorNorm)
+        ):
+            sums = [_norms.sumsq(g.table, 1, acc_slot) for g in self._groups]
+            tsq = np.concatenate([s for s, _ in sums])
+            tmax = np.concatenate([m for _, m in sums])
+            if not math.isfinite(float(np.sum(tsq))):
+                if scaler is not None or self.nonfinite == "skip":
+                    self.skipped_steps += 1
+                    self._micro = 0
+                    if scaler is not None:
+                        scaler.update(True)
+                    return StepResult(None, 1.0, True, loss_scale, False)
+                if self.nonfinite == "raise":
+                    self._raise_nonfinite(tsq)
+            grad_norm = _clip.combine(tsq, tmax, norm_type) * mult
+        clip_factor = 1.0
+        scale, tensor_scale, clamp = mult, [None] * len(self._groups), math.inf
+        if isinstance(clip, _clip.GlobalNorm):
+            clip_factor = _clip.factor(grad_norm, clip.max_norm)
+            scale = mult * clip_factor
+        elif isinstance(clip, _clip.PerTensorNorm):
+            tensor_scale, clip_factor = self._per_tensor_factors(sums, mult, clip)
+        elif isinstance(clip, _clip.Value):
+            clamp = clip.limit
+        elif isinstance(clip, _clip.Adaptive):
+            clip_factor = self._adaptive_(mult, clip)
+        for h, g, ts in zip(hypers, self._groups, tensor_scale):
             go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
                                   decoupled=self.rule.decoupled(h), maximize=h["maximize"],
-                                  grad_scale=1.0)
+                                  grad_scale=scale, tensor_scale=ts, clamp=clamp)
             self.rule.run(g.table, go, h, g.step + 1, g.scalars)
             g.step += 1
+        self._store_lr(hypers)
+        self._micro = 0
+        if scaler is not None:
+            scaler.update(False)
+        return StepResult(grad_norm, clip_factor, False, loss_scale, True)
+
+    def _store_lr(self, hypers):
+        for h, pg in zip(hypers, self.param_groups):
             pg["lr"] = h["lr"]
+
+    def _raise_nonfinite(self, tsq):
+        i = _clip.first_nonfinite(tsq)
+        for gi, g in enumerate(self._groups):
+            if i < len(g.names):
+                raise FloatingPointError(
+                    f"gradient of param_groups[{gi}] tensor {g.names[i]!r} has a non-finite "
+                    "value (NaN or inf); nothing was changed"
+                )
+            i -= len(g.names)
+
+    def _per_tensor_factors(self, sums, mult, clip):
+        out, smallest = [], 1.0
+        for tsq, tmax in sums:
+            norms = (np.sqrt(tsq) if clip.norm_type == 2.0 else tmax) * mult
+            f = clip.max_norm / (norms + _clip.EPS)
+            f = np.where(f >= 1.0, 1.0, f)
+            if f.size:
+                smallest = min(smallest, float(np.min(f)))
+            out.append(np.ascontiguousarray(f, dtype=np.float32))
+        return out, smallest
+
+    def _adaptive_(self, mult, clip):
+        """Unit-wise clipping of the raw (scaled) gradient in place, norms taken unscaled."""
+        smallest = 1.0
+        for g in self._groups:
+            tensor, start, length, _ = _clip._units(g.params)
+            pn = np.sqrt(_norms.unit_sumsq(g.table, 0, tensor, start, length))
+            gn = np.sqrt(_norms.unit_sumsq(g.table, 1, tensor, start, length)) * mult
+            f = _clip._agc_factors(pn, gn, clip.clipping, clip.eps)
+            if f.size and not np.all(f == 1.0):
+                _norms.unit_scale(g.table, 1, tensor, start, length, f)
+                smallest = min(smallest, float(np.min(f)))
+        return smallest
 
     def zero_grad(self):
         """Set every gradient of every group to zero."""
