@@ -24,20 +24,20 @@ optcore has no transport of its own: ``comm`` is any ``mpi4py.MPI.Intracomm``
 import hashlib
 import math
 import weakref
-from dataclasses import dataclass
-
 import numpy as np
 
 from optcore import _checks as ck
 from optcore import _rules
-from optcore.optim import Optimizer
+from optcore import clip as _clip
+from optcore._kernels import _norms
+from optcore._kernels._runtime import TensorList
+from optcore.optim import Optimizer, StepResult
 from optcore.params import ALIGN_BYTES, Arena, Layout, Parameters, aligned_zeros
 
 __all__ = ["allreduce_grads_", "global_norm", "clip_grad_norm_", "ShardedOptimizer",
-           "ShardedStep", "shard_bounds"]
+           "shard_bounds"]
 
 _ALIGN = ALIGN_BYTES // 4          # shard boundaries fall on 64-byte (16-element) boundaries
-_BLOCK = 128                       # elements per float32 block of the sum of squares
 _NONFINITE = ("propagate", "skip", "raise")
 
 
@@ -226,55 +226,40 @@ def allreduce_grads_(grads, comm, op="mean", bucket_bytes=None):
 
 # -- global norm and clipping ---------------------------------------------------------------
 
-def _sumsq(a):
-    """Float64 sum of squares of a contiguous float32 buffer, in one read pass.
+def _local_norm_parts(arrays):
+    """This rank's float64 sum of squares and max-abs, from one read pass of the norm kernel
+    (:mod:`optcore.clip`: float32 lanes over short blocks folded into float64, overflow-safe,
+    bitwise independent of the thread count; tensors summed in order)."""
+    arrays = [a for a in arrays if a.size]
+    if not arrays:
+        return 0.0, 0.0
+    tsq, tmax = _norms.sumsq(TensorList([arrays]), 0)
+    return float(np.sum(tsq)), float(np.max(tmax))
 
-    Float32 dot products over 128-element blocks (``einsum``, one call, a temporary of
-    ``n/128`` floats) are added in float64 (relative error ~1e-10 at 16M elements, measured;
-    longer blocks were slower and less accurate); a block whose float32 sum overflows although its
-    values are finite is recomputed in float64, so any finite input gives a finite sum.
-    Deterministic: the blocking does not depend on threads.
+
+def _reduce_norm(comm, parts, partitioned, norm_type=2.0):
+    """Combine the ranks' (sum of squares, max-abs) into a norm bitwise equal on every rank.
+
+    Returns ``(norm, finite)``; ``finite`` is False when any element on any rank is NaN/inf.
     """
-    f = a.reshape(-1)
-    m = f.size // _BLOCK
-    head = f[: m * _BLOCK].reshape(m, _BLOCK)
-    rows = np.einsum("ij,ij->i", head, head)
-    tail = f[m * _BLOCK :].astype(np.float64)
-    total = float(rows.sum(dtype=np.float64)) + float(np.dot(tail, tail))
-    if math.isfinite(total):
-        return total
-    total = float(np.dot(tail, tail))
-    for i in np.flatnonzero(~np.isfinite(rows)):
-        row = head[i]
-        if not np.isfinite(row).all():
-            return math.nan if np.isnan(row).any() else math.inf
-        r64 = row.astype(np.float64)
-        rows[i] = 0.0
-        total += float(np.dot(r64, r64))
-    return total + float(rows.sum(dtype=np.float64))
-
-
-def _local_sumsq(arrays):
-    return math.fsum(_sumsq(a) for a in arrays) if len(arrays) > 1 else (
-        _sumsq(arrays[0]) if arrays else 0.0)
-
-
-def _reduce_norm(comm, local_sumsq, partitioned):
-    """Combine float64 sums of squares into a norm that is bitwise equal on every rank."""
+    buf = np.array(parts, dtype=np.float64)
     if partitioned:
-        parts = np.empty(comm.Get_size(), dtype=np.float64)
-        comm.Allgather(np.array([local_sumsq]), parts)
+        everyone = np.empty((comm.Get_size(), 2), dtype=np.float64)
+        comm.Allgather(buf, everyone)
         total = 0.0
-        for s in parts.tolist():  # rank order: the same sum on every rank
+        for s in everyone[:, 0].tolist():  # rank order: the same sum on every rank
             total += s
+        biggest = float(np.max(everyone[:, 1]))  # NaN if any rank's is
     else:
-        buf = np.array([local_sumsq])
         comm.Bcast(buf, root=0)
-        total = float(buf[0])
-    return math.sqrt(total) if total >= 0 else math.nan
+        total, biggest = float(buf[0]), float(buf[1])
+    finite = math.isfinite(total)
+    if norm_type == 2.0:
+        return (math.sqrt(total) if total >= 0 else math.nan), finite
+    return biggest, finite
 
 
-def global_norm(grads, comm, *, partitioned=False):
+def global_norm(grads, comm, norm_type=2, *, partitioned=False):
     r"""The L2 norm of a gradient spread over ``comm``, the same (bitwise) on every rank.
 
     .. math::
@@ -289,10 +274,12 @@ def global_norm(grads, comm, *, partitioned=False):
     grads : Parameters, Arena, float32 ndarray or list of float32 ndarrays
         This rank's gradient (read only).
     comm : mpi4py.MPI.Intracomm
+    norm_type : {2, inf}
+        L2 norm (default) or max-abs.
     partitioned : bool
         True when every rank holds a disjoint part of the gradient (the slices of a
-        :class:`ShardedOptimizer`): the float64 sums of squares of the ranks are all-gathered
-        and added in rank order. False (default) when every rank holds the same, already
+        :class:`ShardedOptimizer`): the float64 sums of squares (and max-abs) of the ranks
+        are all-gathered and combined in rank order. False (default) when every rank holds the same, already
         all-reduced gradient (after :func:`allreduce_grads_`): rank 0's norm is broadcast, so
         all ranks agree even if an MPI library returned sums differing in the last bit.
 
@@ -303,25 +290,19 @@ def global_norm(grads, comm, *, partitioned=False):
 
     Notes
     -----
-    The local sum of squares is one read pass: float32 blocks of 128 elements accumulated in
-    float64 (relative error ~1e-10 at 16M elements), with a float64 fallback for a block whose
-    float32 sum overflows. Same semantics as ``torch.nn.utils.clip_grad_norm_`` over all ranks'
+    The local sums come from one read pass of the norm kernel of :mod:`optcore.clip`
+    (float32 lanes over short blocks folded into float64, overflow-safe, bitwise independent
+    of the thread count). Same semantics as ``torch.nn.utils.clip_grad_norm_`` over all ranks'
     gradients, or optax ``global_norm``.
     """
     _check_comm(comm)
+    norm_type = _clip.norm_type_arg(norm_type)
     ck.boolean("partitioned", partitioned)
     arrays, _ = _grad_buffers(grads, "grads", writeable=False)
-    return _reduce_norm(comm, _local_sumsq(arrays), partitioned)
+    return _reduce_norm(comm, _local_norm_parts(arrays), partitioned, norm_type)[0]
 
 
-def _clip_factor(norm, max_norm):
-    """torch's ``clip_grad_norm_`` factor, NaN when the norm is NaN."""
-    if math.isnan(norm):
-        return math.nan
-    return min(1.0, max_norm / (norm + 1e-6))
-
-
-def clip_grad_norm_(grads, comm, max_norm, *, partitioned=False):
+def clip_grad_norm_(grads, comm, max_norm, norm_type=2, *, partitioned=False):
     r"""Scale the gradients of all ranks in place so that their global norm is at most
     ``max_norm``; return the global norm before clipping (the same on every rank).
 
@@ -331,9 +312,12 @@ def clip_grad_norm_(grads, comm, max_norm, *, partitioned=False):
         \Big)
 
     ``torch.nn.utils.clip_grad_norm_`` over the gradients of all ranks (same 1e-6 guard; a NaN
-    norm multiplies by NaN, an infinite one by 0, as torch does). The buffers are rewritten only
-    when the factor is not 1. For the sharded optimizer use ``ShardedOptimizer(...,
-    max_norm=...)``, which fuses the factor into the update instead.
+    norm multiplies by NaN, an infinite one by 0, as torch does). The buffers are rewritten
+    (one pass of the scaling kernel) only when the factor is not 1. To fuse the factor into
+    the update instead: after :func:`allreduce_grads_` every rank holds the same gradient, so
+    a plain optimizer with ``clip=optcore.clip.GlobalNorm(max_norm)`` computes the same
+    global norm on every rank with no communication; the :class:`ShardedOptimizer` takes
+    ``clip=`` too.
 
     Parameters
     ----------
@@ -341,19 +325,21 @@ def clip_grad_norm_(grads, comm, max_norm, *, partitioned=False):
     comm : mpi4py.MPI.Intracomm
     max_norm : float
         Non-negative.
+    norm_type : {2, inf}
     partitioned : bool
         See :func:`global_norm`.
     """
     _check_comm(comm)
     max_norm = ck.nonnegative("max_norm", max_norm)
+    norm_type = _clip.norm_type_arg(norm_type)
     ck.boolean("partitioned", partitioned)
     arrays, _ = _grad_buffers(grads, "grads")
-    norm = _reduce_norm(comm, _local_sumsq(arrays), partitioned)
-    factor = _clip_factor(norm, max_norm)
+    norm, _ = _reduce_norm(comm, _local_norm_parts(arrays), partitioned, norm_type)
+    factor = _clip.factor(norm, max_norm)
     if factor != 1.0:
-        s = np.float32(factor)
-        for a in arrays:
-            np.multiply(a, s, out=a)
+        live = [a for a in arrays if a.size]
+        if live:
+            _norms.scale(TensorList([live]), 0, factor)
     return norm
 
 
@@ -368,26 +354,6 @@ def shard_bounds(total, size):
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-@dataclass(frozen=True)
-class ShardedStep:
-    """What one :meth:`ShardedOptimizer.step` did (the same on every rank).
-
-    Attributes
-    ----------
-    grad_norm : float or None
-        Global L2 norm of the averaged gradient before clipping (None when neither clipping
-        nor a non-finite policy other than ``"propagate"`` asked for the norm pass).
-    clip_factor : float
-        The multiplier applied to the gradient (1.0 without clipping).
-    skipped : bool
-        True when the step was skipped because the gradient was not finite.
-    """
-
-    grad_norm: object
-    clip_factor: float
-    skipped: bool
-
-
 class ShardedOptimizer:
     r"""ZeRO stage-1 data parallelism: optimizer state sharded over the ranks.
 
@@ -395,11 +361,13 @@ class ShardedOptimizer:
 
     1. ``Reduce_scatter``: rank :math:`r` receives :math:`\sum_q g^{(q)}[lo_r:hi_r]`, its slice
        of the summed gradient (into a buffer of its own; the local gradient is left as it was);
-    2. optionally the norm pass over the slice and a :math:`P`-scalar all-gather of the sums of
-       squares: the global norm, equal on every rank (see :func:`global_norm`);
+    2. when clipping by norm or checking for non-finite values: the norm pass over the slice
+       (the kernel of :mod:`optcore.clip`) and an all-gather of :math:`P` pairs (sum of
+       squares, max-abs): the global norm, bitwise equal on every rank (see
+       :func:`global_norm`), hence the same decision on every rank;
     3. the fused update of ``opt_cls`` on the slice of the parameters, reading the gradient as
        :math:`g\cdot c/P` (mean over ranks times clip factor :math:`c`, applied on the fly by
-       the kernel's gradient scale, no extra pass);
+       the kernel's gradient scale, no extra pass; ``Value`` clipping clamps on the fly);
     4. ``Allgatherv`` in place: every rank gets every updated slice.
 
     Each rank holds the optimizer state of its slice only: :math:`1/P` of the unsharded
@@ -416,9 +384,11 @@ class ShardedOptimizer:
     comm : mpi4py.MPI.Intracomm
     groups : list of dict, optional
         Parameter groups by name, as for the plain optimizers.
-    max_norm : float, optional
-        Clip the averaged gradient to this global L2 norm (torch ``clip_grad_norm_``
-        semantics, factor fused into the update).
+    clip : optcore.clip.GlobalNorm or optcore.clip.Value, optional
+        Clip the averaged gradient by its global norm over all ranks (torch
+        ``clip_grad_norm_`` semantics), or by value; fused into the update as in the plain
+        optimizers. ``PerTensorNorm`` and ``Adaptive`` need whole tensors, which a shard may
+        split, and are refused.
     nonfinite : {"propagate", "skip", "raise"}
         What to do when the global gradient has a NaN or inf: let it into the update (torch's
         default), skip the step on every rank (nothing changes; counted in
@@ -451,25 +421,34 @@ class ShardedOptimizer:
     SC 2020; ``torch.distributed.optim.ZeroRedundancyOptimizer``.
     """
 
-    def __init__(self, opt_cls, params, comm, *, groups=None, max_norm=None,
+    def __init__(self, opt_cls, params, comm, *, groups=None, clip=None,
                  nonfinite="propagate", **hyper):
         _check_comm(comm)
         self.comm = comm
         err = None
         key = None
         try:
-            self._setup(opt_cls, params, groups, max_norm, nonfinite, hyper)
+            self._setup(opt_cls, params, groups, clip, nonfinite, hyper)
             key = (params.layout.total, _layout_digest(params.layout), opt_cls.__name__)
         except (TypeError, ValueError) as e:
             err = e
         _agree(comm, "ShardedOptimizer layout", key, err)
 
-    def _setup(self, opt_cls, params, groups, max_norm, nonfinite, hyper):
+    def _setup(self, opt_cls, params, groups, clip, nonfinite, hyper):
         if not (isinstance(opt_cls, type) and issubclass(opt_cls, Optimizer)):
             raise TypeError(f"opt_cls must be an optcore optimizer class, got {opt_cls!r}")
         if not isinstance(params, Parameters):
             raise TypeError(f"params must be an optcore.Parameters arena, got {type(params).__name__}")
-        self.max_norm = None if max_norm is None else ck.nonnegative("max_norm", max_norm)
+        if isinstance(clip, (_clip.PerTensorNorm, _clip.Adaptive)):
+            raise ValueError(
+                f"clip={type(clip).__name__}(...) needs whole tensors, which the shards of a "
+                "ShardedOptimizer split; use GlobalNorm or Value")
+        if clip is not None and not isinstance(clip, (_clip.GlobalNorm, _clip.Value)):
+            raise TypeError("clip must be None, optcore.clip.GlobalNorm or optcore.clip.Value, "
+                            f"got {type(clip).__name__}")
+        self.clip = clip
+        if not isinstance(nonfinite, str):
+            raise TypeError(f"nonfinite must be a str, got {type(nonfinite).__name__}")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -530,8 +509,14 @@ class ShardedOptimizer:
     def step(self, lr=None):
         """Reduce-scatter the gradients, update this rank's slice, all-gather the parameters.
 
-        Collective: every rank must call it. Returns a :class:`ShardedStep` (the same on every
-        rank).
+        Collective: every rank must call it. Returns an :class:`optcore.StepResult` (the same
+        on every rank; ``loss_scale`` is None).
+
+        Raises
+        ------
+        FloatingPointError
+            With ``nonfinite="raise"``, on every rank when the gradient of any rank holds a
+            NaN or inf; nothing is changed.
 
         Parameters
         ----------
@@ -547,27 +532,33 @@ class ShardedOptimizer:
             counts = [b - a for a, b in self.bounds]
             self.comm.Reduce_scatter(self.params.grads.flat, self.grad_shard, counts, op=MPI.SUM)
         norm = None
-        factor = 1.0
-        if self.max_norm is not None or self.nonfinite != "propagate":
-            norm = _reduce_norm(self.comm, _sumsq(self.grad_shard), True) / self.size
-            if self.max_norm is not None:
-                factor = _clip_factor(norm, self.max_norm)
-            if not math.isfinite(norm):
+        factor, clamp = 1.0, math.inf
+        by_norm = isinstance(self.clip, _clip.GlobalNorm)
+        if by_norm or self.nonfinite != "propagate":
+            norm_type = self.clip.norm_type if by_norm else 2.0
+            norm, finite = _reduce_norm(self.comm, _local_norm_parts([self.grad_shard]), True,
+                                        norm_type)
+            norm /= self.size
+            if not finite:
                 if self.nonfinite == "skip":
                     self.skipped_steps += 1
-                    return ShardedStep(norm, factor, True)
+                    return StepResult(norm, 1.0, True, None, False)
                 if self.nonfinite == "raise":
                     raise FloatingPointError(
-                        f"the global gradient norm over {self.size} ranks is {norm}; "
-                        "nothing was changed")
-        _scaled_step(inner, hypers, factor / self.size)
+                        f"the gradient of some rank (of {self.size}) has a non-finite value "
+                        f"(NaN or inf; global norm {norm}); nothing was changed")
+            if by_norm:
+                factor = _clip.factor(norm, self.clip.max_norm)
+        elif isinstance(self.clip, _clip.Value):
+            clamp = self.clip.limit
+        _scaled_step(inner, hypers, factor / self.size, clamp)
         for pg, ipg in zip(self.param_groups, inner.param_groups):
             pg["lr"] = ipg["lr"]
         if self.size > 1:
             counts = [b - a for a, b in self.bounds]
             displs = [a for a, _ in self.bounds]
             self.comm.Allgatherv(MPI.IN_PLACE, [self.params.flat, counts, displs, MPI.FLOAT])
-        return ShardedStep(norm, factor, False)
+        return StepResult(norm, factor, False, None, True)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -707,13 +698,15 @@ class ShardedOptimizer:
                 f"elements [{self.lo}, {self.hi}) of {self.params.layout.total})")
 
 
-def _scaled_step(opt, hypers, grad_scale):
-    """One step of a plain optimizer reading the gradient as ``grad * grad_scale`` (fused in
-    the kernel), with hyper-parameters already checked by ``opt._checked_hyper``."""
+def _scaled_step(opt, hypers, grad_scale, clamp):
+    """One update of a plain optimizer (built without clip/nonfinite/accumulate options)
+    reading the gradient as ``clamp(grad * grad_scale)`` on the fly, with hyper-parameters
+    already checked by ``opt._checked_hyper``: the update half of ``Optimizer.step``, whose
+    norm pass is replaced here by the ranks' combined one."""
     for h, g, pg in zip(hypers, opt._groups, opt.param_groups):
         go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
                               decoupled=opt.rule.decoupled(h), maximize=h["maximize"],
-                              grad_scale=grad_scale)
+                              grad_scale=grad_scale, clamp=clamp)
         opt.rule.run(g.table, go, h, g.step + 1, g.scalars)
         g.step += 1
         pg["lr"] = h["lr"]

@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 import optcore
 from optcore import distributed as D
+from optcore.clip import GlobalNorm
 
 comm = MPI.COMM_WORLD
 P, RANK = comm.Get_size(), comm.Get_rank()
@@ -101,18 +102,22 @@ def same_on_all_ranks(a):
     assert all(np.array_equal(everyone[0], e, equal_nan=True) for e in everyone), "ranks differ"
 
 
-def check_allreduce(name, clip, bucket):
+def check_allreduce(name, clip, bucket, explicit_clip=False):
+    """All-reduce then the plain optimizer; clipping fused (``clip=GlobalNorm``: every rank
+    holds the same reduced gradient, so the same norm) or explicit (``clip_grad_norm_``)."""
     cls, hyper = OPTIMIZERS[name]
     p = init_params()
-    opt = cls(p, groups=GROUPS, **hyper)
+    fused = GlobalNorm(MAX_NORM) if clip and not explicit_clip else None
+    opt = cls(p, groups=GROUPS, clip=fused, **hyper)
     for s in range(N_STEPS):
         write_grads(p, grads64(p, s, [RANK]))
         D.allreduce_grads_(p, comm, bucket_bytes=bucket)
         same_on_all_ranks(p.grads.flat)
-        if clip:
+        if explicit_clip:
             norm = D.clip_grad_norm_(p, comm, MAX_NORM)
             assert norm > MAX_NORM
-        opt.step()
+        rec = opt.step()
+        assert (rec.clip_factor < 1.0) == (fused is not None)
     ref, _ = reference(name, clip, N_STEPS)
     np.testing.assert_allclose(p.flat, ref.flat, rtol=RTOL, atol=ATOL)
     same_on_all_ranks(p.flat)
@@ -122,7 +127,7 @@ def check_allreduce(name, clip, bucket):
 def check_sharded(name, clip):
     cls, hyper = OPTIMIZERS[name]
     p = init_params()
-    opt = D.ShardedOptimizer(cls, p, comm, groups=GROUPS, max_norm=MAX_NORM if clip else None,
+    opt = D.ShardedOptimizer(cls, p, comm, groups=GROUPS, clip=GlobalNorm(MAX_NORM) if clip else None,
                              **hyper)
     for s in range(N_STEPS):
         write_grads(p, grads64(p, s, [RANK]))
@@ -214,7 +219,7 @@ def check_nan_rank():
     assert np.isnan(D.global_norm(p, comm))
     for policy in ("skip", "raise", "propagate"):
         p = init_params()
-        opt = D.ShardedOptimizer(optcore.Adam, p, comm, nonfinite=policy, max_norm=1.0)
+        opt = D.ShardedOptimizer(optcore.Adam, p, comm, nonfinite=policy, clip=GlobalNorm(1.0))
         write_grads(p, grads64(p, 0, [RANK]))
         opt.step()
         write_grads(p, grads64(p, 1, [RANK]))
@@ -301,6 +306,7 @@ def main():
             checks[f"sharded-{name}-{'clip' if clip else 'noclip'}"] = (
                 lambda n=name, c=clip: check_sharded(n, c))
         checks[f"sharded-matches-allreduce-{name}"] = lambda n=name: check_sharded_matches_allreduce(n)
+    checks["allreduce-adam-clip_grad_norm_"] = lambda: check_allreduce("adam", True, None, True)
     checks["lr-change"] = check_lr_change
     checks["layout-mismatch"] = check_layout_mismatch
     checks["nan-rank"] = check_nan_rank
