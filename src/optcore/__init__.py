@@ -6,7 +6,7 @@ from optcore._kernels._runtime import (
     set_flush_denormal,
     set_num_threads,
 )
-from optcore import clip, kernels, scaling
+from optcore import clip, distributed, kernels, scaling
 from optcore.optim import (
     SGD,
     AdaGrad,
@@ -43,6 +43,7 @@ __all__ = [
     "GradScaler",
     "kernels",
     "clip",
+    "distributed",
     "scaling",
     "config",
     "show_config",

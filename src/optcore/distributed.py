@@ -509,8 +509,8 @@ class ShardedOptimizer:
     def step(self, lr=None):
         """Reduce-scatter the gradients, update this rank's slice, all-gather the parameters.
 
-        Collective: every rank must call it. Returns an :class:`optcore.StepResult` (the same
-        on every rank; ``loss_scale`` is None).
+        Collective: every rank must call it. Returns an :class:`~optcore.optim.StepResult` (the
+        same on every rank; ``loss_scale`` is None).
 
         Raises
         ------
