@@ -28,7 +28,7 @@ CHECKS = [f"{kind}-{o}-{c}" for o in OPTIMIZERS for kind in ("allreduce", "shard
           for c in ("noclip", "clip")]
 CHECKS += [f"sharded-matches-allreduce-{o}" for o in OPTIMIZERS]
 CHECKS += ["allreduce-adam-clip_grad_norm_", "lr-change", "layout-mismatch", "nan-rank",
-           "bucketed-list"]
+           "bucketed-list", "tiny-arena"]
 
 
 def _mpiexec():

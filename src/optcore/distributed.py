@@ -72,13 +72,24 @@ def _layout_digest(layout):
     for n in layout.names:
         h.update(repr((n, layout.shapes[n])).encode())
     d = int.from_bytes(h.digest(), "little") >> 1
-    _digests[id(layout)] = (weakref.ref(layout), d)
+    key = id(layout)
+    _digests[key] = (weakref.ref(layout, lambda _: _digests.pop(key, None)), d)
     return d
 
 
 def _agree(comm, what, key, error=None):
-    """All-gather ``(key, error)``; raise the same error on every rank when a rank failed
-    locally or when the ranks' keys differ. Collective: every rank must call it."""
+    """Raise the same error on every rank when a rank failed locally (``error``) or when the
+    ranks' ``key`` differ. Collective: every rank must call it.
+
+    The common case costs one all-gather of two int64 per rank (an ok flag and a digest of
+    ``repr(key)``); only on a failure or a mismatch are the keys and messages exchanged.
+    """
+    h = hashlib.blake2b(repr(key).encode(), digest_size=8)
+    mine = np.array([error is None, int.from_bytes(h.digest(), "little") >> 1], dtype=np.int64)
+    flags = np.empty((comm.Get_size(), 2), dtype=np.int64)
+    comm.Allgather(mine, flags)
+    if flags[:, 0].all() and (flags[:, 1] == flags[0, 1]).all():
+        return
     everyone = comm.allgather((key, None if error is None else f"{type(error).__name__}: {error}"))
     failed = [(r, e) for r, (_, e) in enumerate(everyone) if e is not None]
     if failed:
@@ -565,8 +576,7 @@ class ShardedOptimizer:
     @property
     def state_nbytes(self):
         """Bytes of optimizer state held by this rank (about 1/P of the unsharded optimizer)."""
-        return sum(v.nbytes for k, v in self._inner.state_dict().items()
-                   if ".state." in k)
+        return sum(a.flat.nbytes for g in self._inner._groups for a in g.state.values())
 
     @property
     def state_steps(self):
@@ -588,7 +598,10 @@ class ShardedOptimizer:
         """
         MPI = _mpi()
         if root is not None:
-            ck.in_range("root", root, 0, self.size - 1)
+            if isinstance(root, (bool, np.bool_)) or not isinstance(root, (int, np.integer)):
+                raise TypeError(f"root must be an int or None, got {type(root).__name__}")
+            if not 0 <= root < self.size:
+                raise ValueError(f"root must be in [0, {self.size}), got {root}")
         inner = self._inner.state_dict()
         gather_all = root is None
         me = gather_all or self.rank == root

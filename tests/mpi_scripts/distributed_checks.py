@@ -257,6 +257,27 @@ def check_bucketed_list():
     same_on_all_ranks(q.grads.flat)
 
 
+def check_tiny_arena():
+    """An arena smaller than P shards of 16 elements: some ranks own nothing."""
+    p = optcore.Parameters({"a": (5,), "c": (3,)})
+    q = optcore.Parameters({"a": (5,), "c": (3,)})
+    opt = D.ShardedOptimizer(optcore.NAdam, p, comm, lr=1e-2)
+    ref = optcore.NAdam(q, lr=1e-2)
+    for s in range(3):
+        r = [np.random.default_rng([s, k]).uniform(1, 2, 8) for k in range(P)]
+        p.grads.flat[:8] = r[RANK]
+        q.grads.flat[:8] = np.mean(r, axis=0)
+        opt.step()
+        ref.step()
+    np.testing.assert_allclose(p.flat, q.flat, rtol=RTOL, atol=ATOL)
+    state = opt.state_dict(root=None)
+    want = ref.state_dict()
+    for k in want:
+        if ".state." in k:
+            np.testing.assert_allclose(state[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert float(state["group0.scalar.mu_product"]) == want["group0.scalar.mu_product"]
+
+
 def save_checkpoint():
     """2 ranks: N_STEPS sharded Adam steps; rank 0 saves parameters + gathered state."""
     cls, hyper = OPTIMIZERS["adam"]
@@ -311,6 +332,7 @@ def main():
     checks["layout-mismatch"] = check_layout_mismatch
     checks["nan-rank"] = check_nan_rank
     checks["bucketed-list"] = check_bucketed_list
+    checks["tiny-arena"] = check_tiny_arena
     if P == 2:
         checks["checkpoint-save-2-resume-2"] = save_checkpoint
     if RESUME is not None:
