@@ -143,7 +143,7 @@ def _outer_groups(params, groups):
     return specs
 
 
-def _pieces(arrays, bucket_elems):
+def _buckets(arrays, bucket_elems):
     if bucket_elems is None:
         return [a.reshape(-1) for a in arrays if a.size]
     out = []
@@ -206,14 +206,12 @@ def allreduce_grads_(grads, comm, op="mean", bucket_bytes=None):
     >>> opt.step()                                                    # doctest: +SKIP
     """
     MPI = _check_comm(comm)
-    if op not in ("mean", "sum"):
-        raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
-    if bucket_bytes is not None:
-        bucket_elems = max(1, ck.positive_int("bucket_bytes", bucket_bytes) // 4)
-    else:
-        bucket_elems = None
-    err, arrays, key = None, [], None
-    try:
+    err, arrays, key, bucket_elems = None, [], None, None
+    try:  # an error on one rank is raised on every rank by _agree, not left to hang them
+        if op not in ("mean", "sum"):
+            raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
+        if bucket_bytes is not None:
+            bucket_elems = max(1, ck.positive_int("bucket_bytes", bucket_bytes) // 4)
         arrays, key = _grad_buffers(grads, "grads")
     except (TypeError, ValueError) as e:
         err = e
@@ -222,7 +220,7 @@ def allreduce_grads_(grads, comm, op="mean", bucket_bytes=None):
     if size == 1:
         return
     scale = np.float32(1.0 / size)
-    pieces = _pieces(arrays, bucket_elems)
+    pieces = _buckets(arrays, bucket_elems)
     if len(pieces) == 1:
         comm.Allreduce(MPI.IN_PLACE, pieces[0], op=MPI.SUM)
         if op == "mean":
@@ -290,9 +288,10 @@ def global_norm(grads, comm, norm_type=2, *, partitioned=False):
     partitioned : bool
         True when every rank holds a disjoint part of the gradient (the slices of a
         :class:`ShardedOptimizer`): the float64 sums of squares (and max-abs) of the ranks
-        are all-gathered and combined in rank order. False (default) when every rank holds the same, already
-        all-reduced gradient (after :func:`allreduce_grads_`): rank 0's norm is broadcast, so
-        all ranks agree even if an MPI library returned sums differing in the last bit.
+        are all-gathered and combined in rank order. False (default) when every rank holds
+        the same, already all-reduced gradient (after :func:`allreduce_grads_`): rank 0's
+        norm is broadcast, so all ranks agree even if an MPI library returned sums differing
+        in the last bit.
 
     Returns
     -------
@@ -307,9 +306,14 @@ def global_norm(grads, comm, norm_type=2, *, partitioned=False):
     gradients, or optax ``global_norm``.
     """
     _check_comm(comm)
-    norm_type = _clip.norm_type_arg(norm_type)
-    ck.boolean("partitioned", partitioned)
-    arrays, _ = _grad_buffers(grads, "grads", writeable=False)
+    err, arrays = None, []
+    try:
+        norm_type = _clip.norm_type_arg(norm_type)
+        ck.boolean("partitioned", partitioned)
+        arrays, _ = _grad_buffers(grads, "grads", writeable=False)
+    except (TypeError, ValueError) as e:
+        err = e
+    _agree(comm, "global_norm", None, err)
     return _reduce_norm(comm, _local_norm_parts(arrays), partitioned, norm_type)[0]
 
 
@@ -341,10 +345,15 @@ def clip_grad_norm_(grads, comm, max_norm, norm_type=2, *, partitioned=False):
         See :func:`global_norm`.
     """
     _check_comm(comm)
-    max_norm = ck.nonnegative("max_norm", max_norm)
-    norm_type = _clip.norm_type_arg(norm_type)
-    ck.boolean("partitioned", partitioned)
-    arrays, _ = _grad_buffers(grads, "grads")
+    err, arrays = None, []
+    try:
+        max_norm = ck.nonnegative("max_norm", max_norm)
+        norm_type = _clip.norm_type_arg(norm_type)
+        ck.boolean("partitioned", partitioned)
+        arrays, _ = _grad_buffers(grads, "grads")
+    except (TypeError, ValueError) as e:
+        err = e
+    _agree(comm, "clip_grad_norm_", None, err)
     norm, _ = _reduce_norm(comm, _local_norm_parts(arrays), partitioned, norm_type)
     factor = _clip.factor(norm, max_norm)
     if factor != 1.0:

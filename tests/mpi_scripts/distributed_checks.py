@@ -201,12 +201,20 @@ def check_layout_mismatch():
             raise AssertionError(f"{what}: no error on rank {RANK}")
         assert np.array_equal(before, p.grads.flat)
     # an argument error on one rank only: every rank raises, none hangs
-    try:
-        D.ShardedOptimizer(optcore.Adam, init_params(), comm, lr=-1.0 if RANK == 1 else 1e-3)
-    except ValueError as e:
-        assert "lr" in str(e), str(e)
-    else:
-        raise AssertionError(f"no error on rank {RANK}")
+    q = init_params()
+    odd = RANK == 1
+    for word, call in [
+        ("lr", lambda: D.ShardedOptimizer(optcore.Adam, q, comm, lr=-1.0 if odd else 1e-3)),
+        ("op", lambda: D.allreduce_grads_(q, comm, op="max" if odd else "mean")),
+        ("norm_type", lambda: D.global_norm(q, comm, norm_type=3 if odd else 2)),
+        ("max_norm", lambda: D.clip_grad_norm_(q, comm, -1.0 if odd else 1.0)),
+    ]:
+        try:
+            call()
+        except ValueError as e:
+            assert word in str(e), str(e)
+        else:
+            raise AssertionError(f"{word}: no error on rank {RANK}")
 
 
 def check_nan_rank():
