@@ -286,6 +286,46 @@ def check_tiny_arena():
     assert float(state["group0.scalar.mu_product"]) == want["group0.scalar.mu_product"]
 
 
+class CountingComm(MPI.Intracomm):
+    """COMM_WORLD, recording the gradient-sized MPI calls made through it."""
+
+    def __init__(self, comm):
+        super().__init__()
+        self.calls = []
+
+    def __new__(cls, comm):
+        return super().__new__(cls, comm)
+
+
+for _name in ("Allreduce", "Iallreduce", "Reduce_scatter", "Allgatherv"):
+    def _counted(self, *args, _name=_name, **kwargs):
+        self.calls.append(_name)
+        return getattr(MPI.Intracomm, _name)(self, *args, **kwargs)
+    setattr(CountingComm, _name, _counted)
+
+
+def check_messages_per_step():
+    """One Allreduce per step for an arena; one Iallreduce per bucket; one per array for a
+    list; one Reduce_scatter + one Allgatherv per sharded step."""
+    c = CountingComm(comm)
+    p = init_params()
+    write_grads(p, grads64(p, 0, [RANK]))
+    D.allreduce_grads_(p, c)
+    assert c.calls == ["Allreduce"], c.calls
+    c.calls.clear()
+    nbytes = p.grads.flat.nbytes
+    D.allreduce_grads_(p, c, bucket_bytes=1024)
+    assert c.calls == ["Iallreduce"] * -(-nbytes // 1024), c.calls
+    c.calls.clear()
+    D.allreduce_grads_([p.grads[n] for n in p], c)
+    assert c.calls == ["Iallreduce"] * len(p), c.calls
+    for clip in (None, GlobalNorm(1.0)):
+        opt = D.ShardedOptimizer(optcore.Adam, p, c, clip=clip)
+        c.calls.clear()
+        opt.step()
+        assert c.calls == ["Reduce_scatter", "Allgatherv"], c.calls
+
+
 def save_checkpoint():
     """2 ranks: N_STEPS sharded Adam steps; rank 0 saves parameters + gathered state."""
     cls, hyper = OPTIMIZERS["adam"]
@@ -341,6 +381,7 @@ def main():
     checks["nan-rank"] = check_nan_rank
     checks["bucketed-list"] = check_bucketed_list
     checks["tiny-arena"] = check_tiny_arena
+    checks["messages-per-step"] = check_messages_per_step
     if P == 2:
         checks["checkpoint-save-2-resume-2"] = save_checkpoint
     if RESUME is not None:
