@@ -238,8 +238,8 @@ def test_resume_two_rank_checkpoint_with_one(results2, mpi_outdir):
 # -- global norm ----------------------------------------------------------------------------
 
 def _norm64(arrays):
-    return math.sqrt(math.fsum(float(np.dot(a.astype(np.float64).ravel(), a.astype(np.float64).ravel()))
-                               for a in arrays))
+    flat = [a.astype(np.float64).ravel() for a in arrays]
+    return math.sqrt(math.fsum(float(np.dot(f, f)) for f in flat))
 
 
 @pytest.mark.parametrize("n", [0, 5, 4096, 4097, 70001])

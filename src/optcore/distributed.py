@@ -458,7 +458,8 @@ class ShardedOptimizer:
         if not (isinstance(opt_cls, type) and issubclass(opt_cls, Optimizer)):
             raise TypeError(f"opt_cls must be an optcore optimizer class, got {opt_cls!r}")
         if not isinstance(params, Parameters):
-            raise TypeError(f"params must be an optcore.Parameters arena, got {type(params).__name__}")
+            raise TypeError(
+                f"params must be an optcore.Parameters arena, got {type(params).__name__}")
         if isinstance(clip, (_clip.PerTensorNorm, _clip.Adaptive)):
             raise ValueError(
                 f"clip={type(clip).__name__}(...) needs whole tensors, which the shards of a "
