@@ -6,7 +6,7 @@ from optcore._kernels._runtime import (
     set_flush_denormal,
     set_num_threads,
 )
-from optcore import clip, init, kernels, scaling, schedules
+from optcore import clip, distributed, init, kernels, scaling, schedules
 from optcore.constraints import MaxNorm
 from optcore.ema import EMA
 from optcore.optim import (
@@ -49,6 +49,7 @@ __all__ = [
     "EMA",
     "MaxNorm",
     "clip",
+    "distributed",
     "scaling",
     "config",
     "show_config",
