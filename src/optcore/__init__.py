@@ -7,6 +7,7 @@ from optcore._kernels._runtime import (
     set_num_threads,
 )
 from optcore import kernels
+from optcore.batchnorm import BatchNorm
 from optcore.optim import (
     SGD,
     AdaGrad,
@@ -37,6 +38,7 @@ __all__ = [
     "AdaMax",
     "Adamax",
     "NAdam",
+    "BatchNorm",
     "kernels",
     "config",
     "show_config",

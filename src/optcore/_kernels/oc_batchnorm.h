@@ -26,6 +26,7 @@
 #define OC_BATCHNORM_H
 
 #include <stdlib.h>
+#include <string.h>
 #include "oc_common.h"
 
 #define OC_BN_LANES 16
@@ -77,29 +78,37 @@ OC_AI void oc_bn_terms(int mode, float x, float dy, float hi, float lo, float *v
 
 /* ---- reductions ------------------------------------------------------------------------ */
 
+/* 16 float32 lanes as one GCC vector: the target_clones variants lower it to their registers
+ * (one zmm, two ymm, four xmm), so the lanes stay in registers across a block. */
+typedef float oc_v16f __attribute__((vector_size(64)));
+
+OC_AI oc_v16f oc_v16_load(const float *p) {
+    oc_v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 /* Add the sums of one contiguous run of n elements (one channel) to 16 float64 lanes. */
 OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, float hi, float lo,
                           double *f1, double *f2) {
+    const oc_v16f vh = hi - (oc_v16f){0}, vl = lo - (oc_v16f){0};
     int64_t i = 0;
     while (i + OC_BN_LANES <= n) {
-        float l1[OC_BN_LANES], l2[OC_BN_LANES];
-        for (int j = 0; j < OC_BN_LANES; j++) { l1[j] = 0.0f; l2[j] = 0.0f; }
+        oc_v16f l1 = {0}, l2 = {0};
         int64_t end = i + OC_BN_BLOCK;
         if (end > n) end = i + ((n - i) / OC_BN_LANES) * OC_BN_LANES;
         if (mode == 0) {
-            for (; i < end; i += OC_BN_LANES)
-                for (int j = 0; j < OC_BN_LANES; j++) {
-                    float d = oc_bn_center(x[i + j], hi, lo);
-                    l1[j] += d;
-                    l2[j] += d * d;
-                }
+            for (; i < end; i += OC_BN_LANES) {
+                oc_v16f d = (oc_v16_load(x + i) - vh) - vl;
+                l1 += d;
+                l2 += d * d;
+            }
         } else {
-            for (; i < end; i += OC_BN_LANES)
-                for (int j = 0; j < OC_BN_LANES; j++) {
-                    float d = oc_bn_center(x[i + j], hi, lo);
-                    l1[j] += dy[i + j];
-                    l2[j] += dy[i + j] * d;
-                }
+            for (; i < end; i += OC_BN_LANES) {
+                oc_v16f d = (oc_v16_load(x + i) - vh) - vl, g = oc_v16_load(dy + i);
+                l1 += g;
+                l2 += g * d;
+            }
         }
         for (int j = 0; j < OC_BN_LANES; j++) { f1[j] += (double)l1[j]; f2[j] += (double)l2[j]; }
     }
