@@ -13,7 +13,7 @@ from optcore.kernels import (
 )
 
 LAYOUTS = ("NC", "NCHW", "NHWC")
-SHAPES = {  # a small shape per layout, with a channel count above the 256-channel tile in NC
+SHAPES = {  # small shapes per layout; (64, 300) spans several 16-row float32 blocks
     "NC": [(37, 5), (64, 300)],
     "NCHW": [(3, 4, 5, 7), (2, 3, 1, 1)],
     "NHWC": [(3, 5, 7, 4), (2, 1, 1, 3)],

@@ -9,8 +9,8 @@
  * count, each writing its own float64 partials; partials are combined per channel in item order,
  * so results are bitwise identical for 1 and N threads.
  *   - rows: an item is a block of OC_BN_ITEM / C rows (at least OC_BN_RB); inside it, blocks of
- *     OC_BN_RB rows accumulate per channel in float32 (channel tiles of OC_BN_CT on the stack),
- *     then fold into the item's float64 partials.
+ *     OC_BN_RB rows accumulate per channel in float32 (a scratch row of C floats, read in memory
+ *     order), then fold into the item's float64 partials.
  *   - planar: an item is one channel over a block of planes (about OC_CHUNK elements); inside
  *     it, 16 float32 lanes accumulate blocks of OC_BN_BLOCK elements, then fold into 16 float64
  *     lanes, summed in lane order at the end of the item.
@@ -32,7 +32,6 @@
 #define OC_BN_LANES 16
 #define OC_BN_BLOCK 256     /* elements a float32 lane block holds before folding (16 per lane) */
 #define OC_BN_RB 16         /* rows per float32 block in the rows layout */
-#define OC_BN_CT 256        /* channels per stack tile in the rows layout */
 #define OC_BN_ITEM 65536    /* elements per reduction work item in the rows layout */
 #define OC_BN_SHIFT_RATIO 4.0  /* redo the statistics when |mean - shift| > 4 std */
 #define OC_AI static inline __attribute__((always_inline))
@@ -120,40 +119,37 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
     }
 }
 
-/* Rows layout: sums over rows [r0, r1) into p1[C], p2[C] (float64, zeroed here). */
+/* Rows layout: sums over rows [r0, r1) into p1[C], p2[C] (float64, zeroed here), through the
+ * float32 scratch a1[C], a2[C]: rows are read in memory order, OC_BN_RB at a time per float32
+ * block. */
 OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
                            const float *hi, const float *lo, int64_t r0, int64_t r1,
-                           double *p1, double *p2) {
+                           double *p1, double *p2, float *a1, float *a2) {
     const int64_t C = sh->C;
     for (int64_t c = 0; c < C; c++) { p1[c] = 0.0; p2[c] = 0.0; }
     for (int64_t rb = r0; rb < r1; rb += OC_BN_RB) {
         int64_t rbe = rb + OC_BN_RB < r1 ? rb + OC_BN_RB : r1;
-        for (int64_t ct = 0; ct < C; ct += OC_BN_CT) {
-            int64_t w = C - ct < OC_BN_CT ? C - ct : OC_BN_CT;
-            float a1[OC_BN_CT], a2[OC_BN_CT];
-            for (int64_t j = 0; j < w; j++) { a1[j] = 0.0f; a2[j] = 0.0f; }
-            const float *h = hi + ct, *l = lo + ct;
-            if (mode == 0) {
-                for (int64_t r = rb; r < rbe; r++) {
-                    const float *xr = x + r * C + ct;
-                    for (int64_t j = 0; j < w; j++) {
-                        float d = oc_bn_center(xr[j], h[j], l[j]);
-                        a1[j] += d;
-                        a2[j] += d * d;
-                    }
-                }
-            } else {
-                for (int64_t r = rb; r < rbe; r++) {
-                    const float *xr = x + r * C + ct, *gr = dy + r * C + ct;
-                    for (int64_t j = 0; j < w; j++) {
-                        float d = oc_bn_center(xr[j], h[j], l[j]);
-                        a1[j] += gr[j];
-                        a2[j] += gr[j] * d;
-                    }
+        for (int64_t c = 0; c < C; c++) { a1[c] = 0.0f; a2[c] = 0.0f; }
+        if (mode == 0) {
+            for (int64_t r = rb; r < rbe; r++) {
+                const float *xr = x + r * C;
+                for (int64_t j = 0; j < C; j++) {
+                    float d = oc_bn_center(xr[j], hi[j], lo[j]);
+                    a1[j] += d;
+                    a2[j] += d * d;
                 }
             }
-            for (int64_t j = 0; j < w; j++) { p1[ct + j] += (double)a1[j]; p2[ct + j] += (double)a2[j]; }
+        } else {
+            for (int64_t r = rb; r < rbe; r++) {
+                const float *xr = x + r * C, *gr = dy + r * C;
+                for (int64_t j = 0; j < C; j++) {
+                    float d = oc_bn_center(xr[j], hi[j], lo[j]);
+                    a1[j] += gr[j];
+                    a2[j] += gr[j] * d;
+                }
+            }
         }
+        for (int64_t c = 0; c < C; c++) { p1[c] += (double)a1[c]; p2[c] += (double)a2[c]; }
     }
 }
 
@@ -168,11 +164,14 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
         R = R < OC_BN_RB ? OC_BN_RB : (R / OC_BN_RB) * OC_BN_RB;
         const int64_t items = (sh->rows + R - 1) / R;
         double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items * C + 1));
-        if (part == NULL) return -1;
+        float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * items * C + 1));
+        if (part == NULL || scratch == NULL) { free(part); free(scratch); return -1; }
         OC_BN_FOR(ex, total, it, items, {
             int64_t r0 = it * R, r1 = r0 + R < sh->rows ? r0 + R : sh->rows;
-            oc_bn_rows_item(mode, sh, x, dy, hi, lo, r0, r1, part + 2 * it * C, part + (2 * it + 1) * C);
+            oc_bn_rows_item(mode, sh, x, dy, hi, lo, r0, r1, part + 2 * it * C,
+                            part + (2 * it + 1) * C, scratch + 2 * it * C, scratch + (2 * it + 1) * C);
         });
+        free(scratch);
         for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
         for (int64_t it = 0; it < items; it++) {
             const double *p1 = part + 2 * it * C, *p2 = p1 + C;
