@@ -15,7 +15,7 @@ from optcore.kernels import (
 LAYOUTS = ("NC", "NCHW", "NHWC")
 SHAPES = {  # small shapes per layout; (64, 300) spans several 16-row float32 blocks
     "NC": [(37, 5), (64, 300)],
-    "NCHW": [(3, 4, 5, 7), (2, 3, 1, 1)],
+    "NCHW": [(3, 4, 5, 7), (2, 3, 1, 1), (1, 2, 130, 131)],  # planes > 16384 are segmented
     "NHWC": [(3, 5, 7, 4), (2, 1, 1, 3)],
 }
 
@@ -318,7 +318,8 @@ def test_hypothesis_shapes(layout, n, c, h, w, seed, eps):
 
 # ---- determinism -------------------------------------------------------------------------
 
-BIG = {"NC": (700, 300), "NCHW": (8, 16, 40, 40), "NHWC": (8, 40, 40, 16)}  # > 32768 elements
+BIG = {"NC": (700, 300), "NCHW": (8, 16, 40, 40), "NHWC": (8, 40, 40, 16),  # > 32768 elements
+       "NCHW-segments": (1, 3, 130, 130)}  # 3 planes of 16900 elements, cut in 2 segments
 
 
 def _run_all(layout, x, gamma, beta, dy, rm, rv):
@@ -329,10 +330,10 @@ def _run_all(layout, x, gamma, beta, dy, rm, rv):
     return [y, mean, invstd, dx, dg, db, yi, dxi, dgi, dbi]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", list(BIG))
 @pytest.mark.parametrize("loc", [0.5, 1e4])  # 1e4 with the outlier shift takes the second pass
-def test_one_and_two_threads_bitwise_identical(layout, loc, rng):
-    shape = BIG[layout]
+def test_one_and_two_threads_bitwise_identical(case, loc, rng):
+    layout, shape = case.split("-")[0], BIG[case]
     x, gamma, beta = make(shape, layout, rng, loc=loc, scale=2.0 if loc < 1e3 else 1e-2)
     if loc > 1e3:
         x.reshape(-1)[:16] = loc + 10.0
@@ -407,6 +408,9 @@ BAD_CALLS = {
         b["x"], b["gamma"], b["beta"], b["rm"], b["rv"][:2].copy(), out=b["out"])),
     "backward dy shape": (ValueError, "dy", lambda b: batchnorm_backward(
         b["dy"][:4], b["x"], b["gamma"], b["mean"], b["invstd"], dx=b["dx"],
+        dgamma=b["dgamma"], dbeta=b["dbeta"])),
+    "backward mean int": (TypeError, "mean", lambda b: batchnorm_backward(
+        b["dy"], b["x"], b["gamma"], np.zeros(3, np.int64), b["invstd"], dx=b["dx"],
         dgamma=b["dgamma"], dbeta=b["dbeta"])),
     "backward mean length": (ValueError, "mean", lambda b: batchnorm_backward(
         b["dy"], b["x"], b["gamma"], b["mean"][:2], b["invstd"], dx=b["dx"],

@@ -235,7 +235,9 @@ def bn_geometry(x, layout):
 
 def _bn_channel(name, v, C, *, writeable=False, allow_float64=False):
     """Check a per-channel vector: a 1-D C-contiguous array of C elements."""
-    if allow_float64 and isinstance(v, np.ndarray) and v.dtype == np.float64:
+    if allow_float64 and isinstance(v, np.ndarray):
+        if v.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} must have dtype float64 or float32, got {v.dtype}")
         if v.ndim != 1 or v.shape[0] != C:
             raise ValueError(f"{name} must have shape ({C},) (one value per channel), got {v.shape}")
         return v

@@ -11,15 +11,16 @@
  *   - rows: an item is a block of OC_BN_ITEM / C rows (at least OC_BN_RB); inside it, blocks of
  *     OC_BN_RB rows accumulate per channel in float32 (a scratch row of C floats, read in memory
  *     order), then fold into the item's float64 partials.
- *   - planar: an item is one channel over a block of planes (about OC_CHUNK elements); inside
- *     it, 16 float32 lanes accumulate blocks of OC_BN_BLOCK elements, then fold into 16 float64
- *     lanes, summed in lane order at the end of the item.
+ *   - planar: an item is one channel over a block of planes (about OC_CHUNK elements; a plane
+ *     larger than OC_CHUNK is cut into segments of OC_CHUNK, one per item); inside it, 16
+ *     float32 lanes accumulate blocks of OC_BN_BLOCK elements, then fold into 16 float64 lanes,
+ *     summed in lane order at the end of the item.
  * Every float32 partial therefore sums at most 16 terms before it reaches float64.
  *
  * Centering: a value is centered as d = (x - hi) - lo with hi + lo a float64 shift split into two
  * floats, so that x - mean keeps its accuracy when |mean| >> std (x - hi is exact near hi).
  *
- * Element-wise sweeps run in parallel over rows (rows layout) or planes (planar layout).
+ * Element-wise sweeps run in parallel over rows (rows layout) or plane segments (planar layout).
  * Every parallel driver is compiled for AVX-512, AVX2 and baseline x86-64 (OC_CLONES).
  */
 #ifndef OC_BATCHNORM_H
@@ -153,6 +154,19 @@ OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, cons
     }
 }
 
+/* Planar layout: a plane of S elements is cut into segments of at most OC_CHUNK elements, so that
+ * a few large planes still spread over the threads. Segment s of plane p (= n * C + c) starts at
+ * *off and holds *len elements. */
+static inline int64_t oc_bn_segments(int64_t S) { return S > OC_CHUNK ? (S + OC_CHUNK - 1) / OC_CHUNK : 1; }
+
+OC_AI void oc_bn_unit(const oc_bn_shape *sh, int64_t segs, int64_t p, int64_t seg, int64_t *off,
+                      int64_t *len) {
+    const int64_t start = segs > 1 ? seg * OC_CHUNK : 0;
+    const int64_t rest = sh->S - start;
+    *off = p * sh->S + start;
+    *len = segs > 1 && rest > OC_CHUNK ? OC_CHUNK : rest;
+}
+
 /* Per-channel sums s1[c], s2[c] (float64) of mode 0 (d, d*d) or mode 1 (dy, dy*d), with
  * d = (x - hi[c]) - lo[c]. dy is only read in mode 1. Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
@@ -180,21 +194,23 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
         free(part);
         return 0;
     }
-    const int64_t S = sh->S, N = sh->rows;
-    int64_t nb = OC_CHUNK / (S > 0 ? S : 1);
+    const int64_t S = sh->S, segs = oc_bn_segments(S);
+    int64_t nb = segs > 1 ? 1 : OC_CHUNK / (S > 0 ? S : 1);  /* units (plane segments) per item */
     if (nb < 1) nb = 1;
-    const int64_t per_c = (N + nb - 1) / nb;
+    const int64_t units = sh->rows * segs;
+    const int64_t per_c = (units + nb - 1) / nb;
     const int64_t items = per_c * C;
     double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items + 1));
     if (part == NULL) return -1;
     OC_BN_FOR(ex, total, it, items, {
         const int64_t c = it / per_c, k = it % per_c;
-        const int64_t n0 = k * nb, n1 = n0 + nb < N ? n0 + nb : N;
+        const int64_t u0 = k * nb, u1 = u0 + nb < units ? u0 + nb : units;
         double f1[OC_BN_LANES], f2[OC_BN_LANES];
         for (int j = 0; j < OC_BN_LANES; j++) { f1[j] = 0.0; f2[j] = 0.0; }
-        for (int64_t n = n0; n < n1; n++) {
-            const int64_t off = (n * C + c) * S;
-            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, S, hi[c], lo[c], f1, f2);
+        for (int64_t u = u0; u < u1; u++) {
+            int64_t off, len;
+            oc_bn_unit(sh, segs, (u / segs) * C + c, u % segs, &off, &len);
+            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, len, hi[c], lo[c], f1, f2);
         }
         double t1 = 0.0, t2 = 0.0;
         for (int j = 0; j < OC_BN_LANES; j++) { t1 += f1[j]; t2 += f2[j]; }
@@ -280,21 +296,26 @@ OC_CLONES static void oc_bn_apply_run(const oc_bn_shape *sh, const float *x, con
         }
         return;
     }
+    const int64_t segs = oc_bn_segments(S);
     if (hi == NULL) {
-        OC_BN_FOR(ex, total, p, sh->rows * C, {
-            const int64_t c = p % C;
+        OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
+            const int64_t p = u / segs, c = p % C;
+            int64_t off, len;
+            oc_bn_unit(sh, segs, p, u % segs, &off, &len);
             const float ac = a[c], bc = b[c];
-            const float *xp = x + p * S;
-            float *yp = y + p * S;
-            for (int64_t i = 0; i < S; i++) yp[i] = xp[i] * ac + bc;
+            const float *xp = x + off;
+            float *yp = y + off;
+            for (int64_t i = 0; i < len; i++) yp[i] = xp[i] * ac + bc;
         });
     } else {
-        OC_BN_FOR(ex, total, p, sh->rows * C, {
-            const int64_t c = p % C;
+        OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
+            const int64_t p = u / segs, c = p % C;
+            int64_t off, len;
+            oc_bn_unit(sh, segs, p, u % segs, &off, &len);
             const float hc = hi[c], lc = lo[c], ac = a[c], bc = b[c];
-            const float *xp = x + p * S;
-            float *yp = y + p * S;
-            for (int64_t i = 0; i < S; i++) yp[i] = oc_bn_center(xp[i], hc, lc) * ac + bc;
+            const float *xp = x + off;
+            float *yp = y + off;
+            for (int64_t i = 0; i < len; i++) yp[i] = oc_bn_center(xp[i], hc, lc) * ac + bc;
         });
     }
 }
@@ -313,12 +334,15 @@ OC_CLONES static void oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const
         });
         return;
     }
-    OC_BN_FOR(ex, total, p, sh->rows * C, {
-        const int64_t c = p % C;
+    const int64_t segs = oc_bn_segments(S);
+    OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
+        const int64_t p = u / segs, c = p % C;
+        int64_t off, len;
+        oc_bn_unit(sh, segs, p, u % segs, &off, &len);
         const float hc = hi[c], lc = lo[c], a = k1[c], b = k2[c], e = k3[c];
-        const float *xp = x + p * S, *gp = dy + p * S;
-        float *dp = dx + p * S;
-        for (int64_t i = 0; i < S; i++) dp[i] = (gp[i] * a - oc_bn_center(xp[i], hc, lc) * b) - e;
+        const float *xp = x + off, *gp = dy + off;
+        float *dp = dx + off;
+        for (int64_t i = 0; i < len; i++) dp[i] = (gp[i] * a - oc_bn_center(xp[i], hc, lc) * b) - e;
     });
 }
 
