@@ -22,9 +22,9 @@ cdef extern from "oc_batchnorm.h" nogil:
     int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
                        const float *hi, const float *lo, double *s1, double *s2,
                        const oc_exec *ex)
-    void oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi, const float *lo,
+    int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi, const float *lo,
                          const float *a, const float *b, float *y, const oc_exec *ex)
-    void oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x, const float *hi,
+    int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x, const float *hi,
                       const float *lo, const float *k1, const float *k2, const float *k3,
                       float *dx, const oc_exec *ex)
 
@@ -76,9 +76,12 @@ def apply(const float[::1] x, int64_t rows, int64_t C, int64_t S, bint planar,
         ph = &hi[0]
         pl = &lo[0]
     cdef oc_exec ex = exec_begin(rows * C * S)
+    cdef int rc
     with nogil:
-        oc_bn_apply_run(&sh, &x[0], ph, pl, &a[0], &b[0], &y[0], &ex)
+        rc = oc_bn_apply_run(&sh, &x[0], ph, pl, &a[0], &b[0], &y[0], &ex)
     exec_end(ex)
+    if rc != 0:
+        raise MemoryError("batch-norm: out of memory for the per-channel coefficient tiles")
 
 
 def dx(const float[::1] dy, const float[::1] x, int64_t rows, int64_t C, int64_t S, bint planar,
@@ -87,6 +90,9 @@ def dx(const float[::1] dy, const float[::1] x, int64_t rows, int64_t C, int64_t
     """``dx = dy * k1 - ((x - hi) - lo) * k2 - k3`` per channel."""
     cdef oc_bn_shape sh = _shape(rows, C, S, planar)
     cdef oc_exec ex = exec_begin(rows * C * S)
+    cdef int rc
     with nogil:
-        oc_bn_dx_run(&sh, &dy[0], &x[0], &hi[0], &lo[0], &k1[0], &k2[0], &k3[0], &out[0], &ex)
+        rc = oc_bn_dx_run(&sh, &dy[0], &x[0], &hi[0], &lo[0], &k1[0], &k2[0], &k3[0], &out[0], &ex)
     exec_end(ex)
+    if rc != 0:
+        raise MemoryError("batch-norm backward: out of memory for the per-channel coefficient tiles")

@@ -8,9 +8,11 @@
  * Reductions (per-channel sums) run over fixed work items that do not depend on the thread
  * count, each writing its own float64 partials; partials are combined per channel in item order,
  * so results are bitwise identical for 1 and N threads.
- *   - rows: an item is a block of OC_BN_ITEM / C rows (at least OC_BN_RB); inside it, blocks of
- *     OC_BN_RB rows accumulate per channel in float32 (a scratch row of C floats, read in memory
- *     order), then fold into the item's float64 partials.
+ *   - rows: rows are grouped in tiles of kr = max(1, OC_BN_TILE / C) rows, each swept as one
+ *     flat run of kr*C elements against per-channel vectors replicated kr times (long,
+ *     branch-free inner loops even for small C). An item is a fixed number of tiles (about
+ *     OC_BN_ITEM elements); inside it, blocks of OC_BN_RB tiles accumulate in a float32 scratch
+ *     tile, which then folds into the item's float64 per-channel partials.
  *   - planar: an item is one channel over a block of planes (about OC_CHUNK elements; a plane
  *     larger than OC_CHUNK is cut into segments of OC_CHUNK, one per item); inside it, 16
  *     float32 lanes accumulate blocks of OC_BN_BLOCK elements, then fold into 16 float64 lanes,
@@ -20,7 +22,7 @@
  * Centering: a value is centered as d = (x - hi) - lo with hi + lo a float64 shift split into two
  * floats, so that x - mean keeps its accuracy when |mean| >> std (x - hi is exact near hi).
  *
- * Element-wise sweeps run in parallel over rows (rows layout) or plane segments (planar layout).
+ * Element-wise sweeps run in parallel over row tiles (rows layout) or plane segments (planar).
  * Every parallel driver is compiled for AVX-512, AVX2 and baseline x86-64 (OC_CLONES).
  */
 #ifndef OC_BATCHNORM_H
@@ -32,7 +34,8 @@
 
 #define OC_BN_LANES 16
 #define OC_BN_BLOCK 256     /* elements a float32 lane block holds before folding (16 per lane) */
-#define OC_BN_RB 16         /* rows per float32 block in the rows layout */
+#define OC_BN_RB 16         /* tiles per float32 block in the rows layout */
+#define OC_BN_TILE 1024     /* elements per row tile (at least one row) in the rows layout */
 #define OC_BN_ITEM 65536    /* elements per reduction work item in the rows layout */
 #define OC_BN_SHIFT_RATIO 4.0  /* redo the statistics when |mean - shift| > 4 std */
 #define OC_AI static inline __attribute__((always_inline))
@@ -120,37 +123,52 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
     }
 }
 
-/* Rows layout: sums over rows [r0, r1) into p1[C], p2[C] (float64, zeroed here), through the
- * float32 scratch a1[C], a2[C]: rows are read in memory order, OC_BN_RB at a time per float32
- * block. */
+/* Rows layout: rows per tile, and per-channel vectors replicated over a tile. */
+static inline int64_t oc_bn_tile_rows(int64_t C) {
+    int64_t k = OC_BN_TILE / (C > 0 ? C : 1);
+    return k < 1 ? 1 : k;
+}
+
+/* A malloc'ed copy of v[C] repeated kr times (NULL when v is NULL or out of memory; *fail is
+ * set in the second case). */
+static float *oc_bn_replicate(const float *v, int64_t C, int64_t kr, int *fail) {
+    if (v == NULL) return NULL;
+    float *t = (float *)malloc(sizeof(float) * (size_t)(kr * C));
+    if (t == NULL) { *fail = 1; return NULL; }
+    for (int64_t k = 0; k < kr; k++) memcpy(t + k * C, v, sizeof(float) * (size_t)C);
+    return t;
+}
+
+/* Rows layout: sums over rows [r0, r1) into p1[C], p2[C] (float64, zeroed here). hi and lo are
+ * replicated over a tile of kr rows; a1, a2 are float32 scratch tiles of kr*C elements. */
 OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
-                           const float *hi, const float *lo, int64_t r0, int64_t r1,
+                           const float *hi, const float *lo, int64_t kr, int64_t r0, int64_t r1,
                            double *p1, double *p2, float *a1, float *a2) {
-    const int64_t C = sh->C;
+    const int64_t C = sh->C, T = kr * C;
     for (int64_t c = 0; c < C; c++) { p1[c] = 0.0; p2[c] = 0.0; }
-    for (int64_t rb = r0; rb < r1; rb += OC_BN_RB) {
-        int64_t rbe = rb + OC_BN_RB < r1 ? rb + OC_BN_RB : r1;
-        for (int64_t c = 0; c < C; c++) { a1[c] = 0.0f; a2[c] = 0.0f; }
-        if (mode == 0) {
-            for (int64_t r = rb; r < rbe; r++) {
-                const float *xr = x + r * C;
-                for (int64_t j = 0; j < C; j++) {
-                    float d = oc_bn_center(xr[j], hi[j], lo[j]);
-                    a1[j] += d;
-                    a2[j] += d * d;
+    for (int64_t rb = r0; rb < r1; rb += OC_BN_RB * kr) {
+        const int64_t rbe = rb + OC_BN_RB * kr < r1 ? rb + OC_BN_RB * kr : r1;
+        for (int64_t i = 0; i < T; i++) { a1[i] = 0.0f; a2[i] = 0.0f; }
+        for (int64_t r = rb; r < rbe; r += kr) {
+            const int64_t n = (r + kr < rbe ? kr : rbe - r) * C;
+            const float *xt = x + r * C;
+            if (mode == 0) {
+                for (int64_t i = 0; i < n; i++) {
+                    float d = oc_bn_center(xt[i], hi[i], lo[i]);
+                    a1[i] += d;
+                    a2[i] += d * d;
                 }
-            }
-        } else {
-            for (int64_t r = rb; r < rbe; r++) {
-                const float *xr = x + r * C, *gr = dy + r * C;
-                for (int64_t j = 0; j < C; j++) {
-                    float d = oc_bn_center(xr[j], hi[j], lo[j]);
-                    a1[j] += gr[j];
-                    a2[j] += gr[j] * d;
+            } else {
+                const float *gt = dy + r * C;
+                for (int64_t i = 0; i < n; i++) {
+                    float d = oc_bn_center(xt[i], hi[i], lo[i]);
+                    a1[i] += gt[i];
+                    a2[i] += gt[i] * d;
                 }
             }
         }
-        for (int64_t c = 0; c < C; c++) { p1[c] += (double)a1[c]; p2[c] += (double)a2[c]; }
+        for (int64_t k = 0; k < kr; k++)
+            for (int64_t c = 0; c < C; c++) { p1[c] += (double)a1[k * C + c]; p2[c] += (double)a2[k * C + c]; }
     }
 }
 
@@ -174,17 +192,25 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
                                     const oc_exec *ex) {
     const int64_t C = sh->C, total = oc_bn_total(sh);
     if (!sh->planar) {
-        int64_t R = OC_BN_ITEM / (C > 0 ? C : 1);
-        R = R < OC_BN_RB ? OC_BN_RB : (R / OC_BN_RB) * OC_BN_RB;
+        const int64_t kr = oc_bn_tile_rows(C), T = kr * C;
+        int64_t R = (OC_BN_ITEM / T / OC_BN_RB) * OC_BN_RB;  /* tiles per item */
+        R = (R < OC_BN_RB ? OC_BN_RB : R) * kr;              /* rows per item */
         const int64_t items = (sh->rows + R - 1) / R;
+        int fail = 0;
+        float *H = oc_bn_replicate(hi, C, kr, &fail), *L = oc_bn_replicate(lo, C, kr, &fail);
         double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items * C + 1));
-        float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * items * C + 1));
-        if (part == NULL || scratch == NULL) { free(part); free(scratch); return -1; }
+        float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * items * T + 1));
+        if (fail || part == NULL || scratch == NULL) {
+            free(H); free(L); free(part); free(scratch);
+            return -1;
+        }
         OC_BN_FOR(ex, total, it, items, {
             int64_t r0 = it * R, r1 = r0 + R < sh->rows ? r0 + R : sh->rows;
-            oc_bn_rows_item(mode, sh, x, dy, hi, lo, r0, r1, part + 2 * it * C,
-                            part + (2 * it + 1) * C, scratch + 2 * it * C, scratch + (2 * it + 1) * C);
+            oc_bn_rows_item(mode, sh, x, dy, H, L, kr, r0, r1, part + 2 * it * C,
+                            part + (2 * it + 1) * C, scratch + 2 * it * T, scratch + (2 * it + 1) * T);
         });
+        free(H);
+        free(L);
         free(scratch);
         for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
         for (int64_t it = 0; it < items; it++) {
@@ -275,26 +301,36 @@ OC_CLONES static int oc_bn_stats_run(const oc_bn_shape *sh, const float *x, doub
 
 /* ---- element-wise sweeps --------------------------------------------------------------- */
 
-/* y = ((x - hi[c]) - lo[c]) * a[c] + b[c]; with hi = lo = NULL, y = x * a[c] + b[c]. */
-OC_CLONES static void oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi,
-                                      const float *lo, const float *a, const float *b, float *y,
-                                      const oc_exec *ex) {
+/* y = ((x - hi[c]) - lo[c]) * a[c] + b[c]; with hi = lo = NULL, y = x * a[c] + b[c].
+ * Returns 0, or -1 when out of memory. */
+OC_CLONES static int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi,
+                                     const float *lo, const float *a, const float *b, float *y,
+                                     const oc_exec *ex) {
     const int64_t C = sh->C, S = sh->S, total = oc_bn_total(sh);
     if (!sh->planar) {
-        if (hi == NULL) {
-            OC_BN_FOR(ex, total, r, sh->rows, {
-                const float *xr = x + r * C;
-                float *yr = y + r * C;
-                for (int64_t j = 0; j < C; j++) yr[j] = xr[j] * a[j] + b[j];
-            });
-        } else {
-            OC_BN_FOR(ex, total, r, sh->rows, {
-                const float *xr = x + r * C;
-                float *yr = y + r * C;
-                for (int64_t j = 0; j < C; j++) yr[j] = oc_bn_center(xr[j], hi[j], lo[j]) * a[j] + b[j];
-            });
+        const int64_t kr = oc_bn_tile_rows(C), ntiles = (sh->rows + kr - 1) / kr;
+        int fail = 0;
+        float *A = oc_bn_replicate(a, C, kr, &fail), *B = oc_bn_replicate(b, C, kr, &fail);
+        float *H = oc_bn_replicate(hi, C, kr, &fail), *L = oc_bn_replicate(lo, C, kr, &fail);
+        if (!fail) {
+            if (hi == NULL) {
+                OC_BN_FOR(ex, total, t, ntiles, {
+                    const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
+                    const float *xt = x + r0 * C;
+                    float *yt = y + r0 * C;
+                    for (int64_t i = 0; i < n; i++) yt[i] = xt[i] * A[i] + B[i];
+                });
+            } else {
+                OC_BN_FOR(ex, total, t, ntiles, {
+                    const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
+                    const float *xt = x + r0 * C;
+                    float *yt = y + r0 * C;
+                    for (int64_t i = 0; i < n; i++) yt[i] = oc_bn_center(xt[i], H[i], L[i]) * A[i] + B[i];
+                });
+            }
         }
-        return;
+        free(A); free(B); free(H); free(L);
+        return fail ? -1 : 0;
     }
     const int64_t segs = oc_bn_segments(S);
     if (hi == NULL) {
@@ -318,21 +354,32 @@ OC_CLONES static void oc_bn_apply_run(const oc_bn_shape *sh, const float *x, con
             for (int64_t i = 0; i < len; i++) yp[i] = oc_bn_center(xp[i], hc, lc) * ac + bc;
         });
     }
+    return 0;
 }
 
-/* Training backward, second pass: dx = dy * k1[c] - ((x - hi[c]) - lo[c]) * k2[c] - k3[c]. */
-OC_CLONES static void oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x,
-                                   const float *hi, const float *lo, const float *k1,
-                                   const float *k2, const float *k3, float *dx, const oc_exec *ex) {
+/* Training backward, second pass: dx = dy * k1[c] - ((x - hi[c]) - lo[c]) * k2[c] - k3[c].
+ * Returns 0, or -1 when out of memory. */
+OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x,
+                                  const float *hi, const float *lo, const float *k1,
+                                  const float *k2, const float *k3, float *dx, const oc_exec *ex) {
     const int64_t C = sh->C, S = sh->S, total = oc_bn_total(sh);
     if (!sh->planar) {
-        OC_BN_FOR(ex, total, r, sh->rows, {
-            const float *xr = x + r * C, *gr = dy + r * C;
-            float *dr = dx + r * C;
-            for (int64_t j = 0; j < C; j++)
-                dr[j] = (gr[j] * k1[j] - oc_bn_center(xr[j], hi[j], lo[j]) * k2[j]) - k3[j];
-        });
-        return;
+        const int64_t kr = oc_bn_tile_rows(C), ntiles = (sh->rows + kr - 1) / kr;
+        int fail = 0;
+        float *H = oc_bn_replicate(hi, C, kr, &fail), *L = oc_bn_replicate(lo, C, kr, &fail);
+        float *K1 = oc_bn_replicate(k1, C, kr, &fail), *K2 = oc_bn_replicate(k2, C, kr, &fail);
+        float *K3 = oc_bn_replicate(k3, C, kr, &fail);
+        if (!fail) {
+            OC_BN_FOR(ex, total, t, ntiles, {
+                const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
+                const float *xt = x + r0 * C, *gt = dy + r0 * C;
+                float *dt = dx + r0 * C;
+                for (int64_t i = 0; i < n; i++)
+                    dt[i] = (gt[i] * K1[i] - oc_bn_center(xt[i], H[i], L[i]) * K2[i]) - K3[i];
+            });
+        }
+        free(H); free(L); free(K1); free(K2); free(K3);
+        return fail ? -1 : 0;
     }
     const int64_t segs = oc_bn_segments(S);
     OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
@@ -344,6 +391,7 @@ OC_CLONES static void oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const
         float *dp = dx + off;
         for (int64_t i = 0; i < len; i++) dp[i] = (gp[i] * a - oc_bn_center(xp[i], hc, lc) * b) - e;
     });
+    return 0;
 }
 
 #endif /* OC_BATCHNORM_H */
