@@ -13,10 +13,11 @@
  *     branch-free inner loops even for small C). An item is a fixed number of tiles (about
  *     OC_BN_ITEM elements); inside it, blocks of OC_BN_RB tiles accumulate in a float32 scratch
  *     tile, which then folds into the item's float64 per-channel partials.
- *   - planar: an item is one channel over a block of planes (about OC_CHUNK elements; a plane
- *     larger than OC_CHUNK is cut into segments of OC_CHUNK, one per item); inside it, 16
- *     float32 lanes accumulate blocks of OC_BN_BLOCK elements, then fold into 16 float64 lanes,
- *     summed in lane order at the end of the item.
+ *   - planar: an item is a run of consecutive planes in memory order (about OC_CHUNK elements;
+ *     a plane larger than OC_CHUNK is cut into segments of OC_CHUNK, one per item), so memory is
+ *     streamed even when planes are small (14x14). Inside a plane, 16 float32 lanes accumulate
+ *     blocks of OC_BN_BLOCK elements and fold into 16 float64 lanes, summed in a fixed pairwise
+ *     order at the end of the plane into the item's partial for that plane's channel.
  * Every float32 partial therefore sums at most 16 terms before it reaches float64.
  *
  * Centering: a value is centered as d = (x - hi) - lo with hi + lo a float64 shift split into two
@@ -82,8 +83,11 @@ OC_AI void oc_bn_terms(int mode, float x, float dy, float hi, float lo, float *v
 /* ---- reductions ------------------------------------------------------------------------ */
 
 /* 16 float32 lanes as one GCC vector: the target_clones variants lower it to their registers
- * (one zmm, two ymm, four xmm), so the lanes stay in registers across a block. */
+ * (one zmm, two ymm, four xmm), so the lanes stay in registers across a block. Each block folds
+ * into 16 float64 lanes (two 8-double vectors), also kept in registers. */
 typedef float oc_v16f __attribute__((vector_size(64)));
+typedef float oc_v8f __attribute__((vector_size(32)));
+typedef double oc_v8d __attribute__((vector_size(64)));
 
 OC_AI oc_v16f oc_v16_load(const float *p) {
     oc_v16f v;
@@ -91,9 +95,27 @@ OC_AI oc_v16f oc_v16_load(const float *p) {
     return v;
 }
 
-/* Add the sums of one contiguous run of n elements (one channel) to 16 float64 lanes. */
+/* Float64 lanes of the two sums: lanes 0-7 in [0], 8-15 in [1]. */
+typedef struct { oc_v8d s1[2], s2[2]; } oc_bn_lanes;
+
+OC_AI void oc_bn_fold(oc_v8d *f, oc_v16f l) {
+    oc_v8f lo, hi;
+    memcpy(&lo, &l, sizeof lo);
+    memcpy(&hi, (const char *)&l + sizeof lo, sizeof hi);
+    f[0] += __builtin_convertvector(lo, oc_v8d);
+    f[1] += __builtin_convertvector(hi, oc_v8d);
+}
+
+/* The 16 lanes summed in a fixed pairwise order. */
+OC_AI double oc_bn_lane_sum(const oc_v8d *f) {
+    oc_v8d a = f[0] + f[1];
+    double b0 = a[0] + a[4], b1 = a[1] + a[5], b2 = a[2] + a[6], b3 = a[3] + a[7];
+    return (b0 + b2) + (b1 + b3);
+}
+
+/* Add the sums of one contiguous run of n elements (one channel) to the float64 lanes. */
 OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, float hi, float lo,
-                          double *f1, double *f2) {
+                          oc_bn_lanes *F) {
     const oc_v16f vh = hi - (oc_v16f){0}, vl = lo - (oc_v16f){0};
     int64_t i = 0;
     while (i + OC_BN_LANES <= n) {
@@ -113,13 +135,19 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
                 l2 += g * d;
             }
         }
-        for (int j = 0; j < OC_BN_LANES; j++) { f1[j] += (double)l1[j]; f2[j] += (double)l2[j]; }
+        oc_bn_fold(F->s1, l1);
+        oc_bn_fold(F->s2, l2);
     }
-    for (int j = 0; i < n; i++, j++) {
-        float v1, v2;
-        oc_bn_terms(mode, x[i], dy == NULL ? 0.0f : dy[i], hi, lo, &v1, &v2);
-        f1[j] += (double)v1;
-        f2[j] += (double)v2;
+    if (i < n) {  /* tail of < 16 elements: one float32 block padded with zeros */
+        oc_v16f l1 = {0}, l2 = {0};
+        for (int j = 0; i < n; i++, j++) {
+            float v1, v2;
+            oc_bn_terms(mode, x[i], dy == NULL ? 0.0f : dy[i], hi, lo, &v1, &v2);
+            l1[j] = v1;
+            l2[j] = v2;
+        }
+        oc_bn_fold(F->s1, l1);
+        oc_bn_fold(F->s2, l2);
     }
 }
 
@@ -223,31 +251,28 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
     const int64_t S = sh->S, segs = oc_bn_segments(S);
     int64_t nb = segs > 1 ? 1 : OC_CHUNK / (S > 0 ? S : 1);  /* units (plane segments) per item */
     if (nb < 1) nb = 1;
-    const int64_t units = sh->rows * segs;
-    const int64_t per_c = (units + nb - 1) / nb;
-    const int64_t items = per_c * C;
-    double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items + 1));
+    const int64_t units = sh->rows * C * segs;  /* in memory order */
+    const int64_t items = (units + nb - 1) / nb;
+    double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items * C + 1));
     if (part == NULL) return -1;
     OC_BN_FOR(ex, total, it, items, {
-        const int64_t c = it / per_c, k = it % per_c;
-        const int64_t u0 = k * nb, u1 = u0 + nb < units ? u0 + nb : units;
-        double f1[OC_BN_LANES], f2[OC_BN_LANES];
-        for (int j = 0; j < OC_BN_LANES; j++) { f1[j] = 0.0; f2[j] = 0.0; }
-        for (int64_t u = u0; u < u1; u++) {
+        double *p1 = part + 2 * it * C, *p2 = p1 + C;
+        for (int64_t c = 0; c < C; c++) { p1[c] = 0.0; p2[c] = 0.0; }
+        const int64_t u1 = (it + 1) * nb < units ? (it + 1) * nb : units;
+        for (int64_t u = it * nb; u < u1; u++) {
+            const int64_t p = u / segs, c = p % C;
             int64_t off, len;
-            oc_bn_unit(sh, segs, (u / segs) * C + c, u % segs, &off, &len);
-            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, len, hi[c], lo[c], f1, f2);
+            oc_bn_unit(sh, segs, p, u % segs, &off, &len);
+            oc_bn_lanes F = {{{0}, {0}}, {{0}, {0}}};
+            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, len, hi[c], lo[c], &F);
+            p1[c] += oc_bn_lane_sum(F.s1);
+            p2[c] += oc_bn_lane_sum(F.s2);
         }
-        double t1 = 0.0, t2 = 0.0;
-        for (int j = 0; j < OC_BN_LANES; j++) { t1 += f1[j]; t2 += f2[j]; }
-        part[2 * it] = t1;
-        part[2 * it + 1] = t2;
     });
-    for (int64_t c = 0; c < C; c++) {
-        double t1 = 0.0, t2 = 0.0;
-        for (int64_t k = 0; k < per_c; k++) { t1 += part[2 * (c * per_c + k)]; t2 += part[2 * (c * per_c + k) + 1]; }
-        s1[c] = t1;
-        s2[c] = t2;
+    for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
+    for (int64_t it = 0; it < items; it++) {
+        const double *p1 = part + 2 * it * C, *p2 = p1 + C;
+        for (int64_t c = 0; c < C; c++) { s1[c] += p1[c]; s2[c] += p2[c]; }
     }
     free(part);
     return 0;
