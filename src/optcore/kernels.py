@@ -210,7 +210,7 @@ def nadam_(param, grad, exp_avg, exp_avg_sq, *, step, mu_product=1.0, lr=2e-3, b
 BN_LAYOUTS = ("NC", "NCHW", "NHWC")
 
 
-def bn_geometry(x, layout):
+def _bn_geometry(x, layout):
     """Return ``(rows, C, S, planar)`` of ``x`` in ``layout`` (see ``_batchnorm.pyx``)."""
     if not isinstance(layout, str) or layout not in BN_LAYOUTS:
         raise ValueError(f"layout must be one of {BN_LAYOUTS}, got {layout!r}")
@@ -369,7 +369,7 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
     Internal Covariate Shift", ICML 2015; ``torch.nn.functional.batch_norm``.
     """
     ck.float32_buffer("x", x, writeable=False)
-    rows, C, S, planar = bn_geometry(x, layout)
+    rows, C, S, planar = _bn_geometry(x, layout)
     if gamma is not None:
         _bn_channel("gamma", gamma, C)
     if beta is not None:
@@ -450,7 +450,7 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5, 
     ``training=False``.
     """
     ck.float32_buffer("x", x, writeable=False)
-    rows, C, S, planar = bn_geometry(x, layout)
+    rows, C, S, planar = _bn_geometry(x, layout)
     if gamma is not None:
         _bn_channel("gamma", gamma, C)
     if beta is not None:
@@ -471,7 +471,7 @@ def _bn_backward_buffers(dy, x, gamma, layout, dx, dgamma, dbeta):
     ck.float32_buffer("x", x, writeable=False)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
-    geometry = bn_geometry(x, layout)
+    geometry = _bn_geometry(x, layout)
     C = geometry[1]
     if gamma is not None:
         _bn_channel("gamma", gamma, C)

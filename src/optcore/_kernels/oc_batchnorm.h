@@ -50,7 +50,8 @@ typedef struct {
 
 static inline int64_t oc_bn_total(const oc_bn_shape *sh) { return sh->rows * sh->C * sh->S; }
 
-/* Run the body (the variadic part) for i in [0, n), statically split over the team when the call is large enough. */
+/* Run the body (the variadic part) for i in [0, n), statically split over the team when the
+ * call is large enough, each thread with flush-to-zero as asked. */
 #define OC_BN_FOR(ex, total, i, n, ...)                                           \
     do {                                                                          \
         int oc_nt_ = oc_team_size((ex), (total));                                 \
