@@ -257,6 +257,26 @@ def test_backward_against_finite_differences(layout, rng):
     np.testing.assert_allclose(db, num_db, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernel_pair_against_its_own_finite_differences(layout, rng):
+    """Central differences through the float32 forward kernel itself, on a few coordinates."""
+    shape = {"NC": (8, 3), "NCHW": (2, 3, 2, 2), "NHWC": (2, 2, 2, 3)}[layout]
+    x, gamma, beta = make(shape, layout, rng)
+    w = rng.standard_normal(shape)
+
+    def loss(xx):
+        return float((w * batchnorm_forward(xx, gamma, beta, layout=layout)[0]).sum())
+
+    _, mean, invstd = batchnorm_forward(x, gamma, beta, layout=layout)
+    dx, _, _ = batchnorm_backward(w.astype(np.float32), x, gamma, mean, invstd, layout=layout)
+    h = 1e-2  # truncation ~h^2 * |d3L| ~ 1e-4; float32 rounding ~1e-7 * |L| / h ~ 1e-5
+    for i in list(np.ndindex(shape))[::3]:
+        e = np.zeros(shape, np.float32)
+        e[i] = h
+        num = (loss(x + e) - loss(x - e)) / (2 * h)
+        assert abs(num - dx[i]) <= 2e-3 * max(1.0, abs(dx[i]))
+
+
 def test_outputs_written_into_given_arrays(rng):
     params = optcore.Parameters({"w": (3, 5), "bn.weight": (5,), "bn.bias": (5,)})
     params["bn.weight"] = rng.uniform(0.5, 2, 5)
