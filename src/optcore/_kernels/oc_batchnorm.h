@@ -90,19 +90,17 @@ typedef float oc_v16f __attribute__((vector_size(64)));
 typedef float oc_v8f __attribute__((vector_size(32)));
 typedef double oc_v8d __attribute__((vector_size(64)));
 
-OC_AI oc_v16f oc_v16_load(const float *p) {
-    oc_v16f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
+/* Vectors wider than the baseline registers travel through pointers, never by value (no ABI
+ * differences between the clones); everything here is inlined anyway. */
+#define OC_V16_LOAD(v, p) memcpy(&(v), (p), sizeof(oc_v16f))
 
 /* Float64 lanes of the two sums: lanes 0-7 in [0], 8-15 in [1]. */
 typedef struct { oc_v8d s1[2], s2[2]; } oc_bn_lanes;
 
-OC_AI void oc_bn_fold(oc_v8d *f, oc_v16f l) {
+OC_AI void oc_bn_fold(oc_v8d *f, const oc_v16f *l) {
     oc_v8f lo, hi;
-    memcpy(&lo, &l, sizeof lo);
-    memcpy(&hi, (const char *)&l + sizeof lo, sizeof hi);
+    memcpy(&lo, l, sizeof lo);
+    memcpy(&hi, (const char *)l + sizeof lo, sizeof hi);
     f[0] += __builtin_convertvector(lo, oc_v8d);
     f[1] += __builtin_convertvector(hi, oc_v8d);
 }
@@ -125,19 +123,24 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
         if (end > n) end = i + ((n - i) / OC_BN_LANES) * OC_BN_LANES;
         if (mode == 0) {
             for (; i < end; i += OC_BN_LANES) {
-                oc_v16f d = (oc_v16_load(x + i) - vh) - vl;
+                oc_v16f d;
+                OC_V16_LOAD(d, x + i);
+                d = (d - vh) - vl;
                 l1 += d;
                 l2 += d * d;
             }
         } else {
             for (; i < end; i += OC_BN_LANES) {
-                oc_v16f d = (oc_v16_load(x + i) - vh) - vl, g = oc_v16_load(dy + i);
+                oc_v16f d, g;
+                OC_V16_LOAD(d, x + i);
+                OC_V16_LOAD(g, dy + i);
+                d = (d - vh) - vl;
                 l1 += g;
                 l2 += g * d;
             }
         }
-        oc_bn_fold(F->s1, l1);
-        oc_bn_fold(F->s2, l2);
+        oc_bn_fold(F->s1, &l1);
+        oc_bn_fold(F->s2, &l2);
     }
     if (i < n) {  /* tail of < 16 elements: one float32 block padded with zeros */
         oc_v16f l1 = {0}, l2 = {0};
@@ -147,8 +150,8 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
             l1[j] = v1;
             l2[j] = v2;
         }
-        oc_bn_fold(F->s1, l1);
-        oc_bn_fold(F->s2, l2);
+        oc_bn_fold(F->s1, &l1);
+        oc_bn_fold(F->s2, &l2);
     }
 }
 
