@@ -278,10 +278,10 @@ def _bn_eps(eps):
 
 
 def _bn_split(mean):
-    """float64 per-channel values as float32 ``hi + lo`` pairs (``hi`` the nearest float)."""
+    """The float32 shift ``hi`` nearest the float64 ``mean`` and the float64 rest
+    ``mean - hi``, which the callers fold into their per-channel constants."""
     hi = mean.astype(np.float32)
-    lo = (mean - hi.astype(np.float64)).astype(np.float32)
-    return hi, lo
+    return hi, mean - hi
 
 
 def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, running_mean=None,
@@ -348,8 +348,10 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
     -----
     Statistics are accumulated in float64 from float32 partial sums of at most 16 terms,
     around a shift (the channel's first value; taken again around the mean found when the shift
-    lies more than 4 standard deviations away), and :math:`x - \mu` is formed as
-    :math:`(x - \mu_{hi}) - \mu_{lo}` with :math:`\mu` split into two floats. So a channel with
+    lies more than 4 standard deviations away), and ``y`` is formed as
+    :math:`(x - \mu_{hi})\,a + (\beta - \mu_{lo}\,a)` with :math:`\mu_{hi}` the float nearest
+    :math:`\mu` (so :math:`x - \mu_{hi}` is exact near the mean), :math:`\mu_{lo} = \mu -
+    \mu_{hi}` and :math:`a = \gamma r`, the constants computed in float64. So a channel with
     mean :math:`10^4` and standard deviation :math:`10^{-2}` is normalized to :math:`10^{-4}`
     of a float64 computation, where ``x * a + b`` in float32 would lose everything. Results are
     bitwise identical for any number of threads.
@@ -394,10 +396,11 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
     var = np.empty(C)
     _bn.stats(x.reshape(-1), rows, C, S, planar, mean, var)
     invstd = 1.0 / np.sqrt(var + eps)
-    a = (invstd if gamma is None else gamma * invstd).astype(np.float32)
-    b = np.zeros(C, np.float32) if beta is None else beta
-    hi, lo = _bn_split(mean)
-    _bn.apply(x.reshape(-1), rows, C, S, planar, hi, lo, a, b, y.reshape(-1))
+    a = invstd if gamma is None else gamma * invstd
+    hi, rest = _bn_split(mean)
+    b = -rest * a if beta is None else beta - rest * a
+    _bn.apply(x.reshape(-1), rows, C, S, planar, hi, a.astype(np.float32), b.astype(np.float32),
+              y.reshape(-1))
     if running_mean is not None:
         running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
         running_var[...] = (1.0 - momentum) * running_var + momentum * (var * (n / (n - 1)))
@@ -462,7 +465,7 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5, 
     _bn_no_alias({"out": y}, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
                               "running_var": running_var})
     _, a, b = _bn_inference_coefs(gamma, beta, running_mean, running_var, eps)
-    _bn.apply(x.reshape(-1), rows, C, S, planar, None, None, a, b, y.reshape(-1))
+    _bn.apply(x.reshape(-1), rows, C, S, planar, None, a, b, y.reshape(-1))
     return y
 
 
@@ -544,16 +547,16 @@ def batchnorm_backward(dy, x, gamma, mean, invstd, *, layout="NC", dx=None, dgam
     mean = mean.astype(np.float64)
     invstd = invstd.astype(np.float64)
     n = rows * S
-    hi, lo = _bn_split(mean)
+    hi, rest = _bn_split(mean)
     sum_dy = np.empty(C)
     sum_dy_xmu = np.empty(C)
-    _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, lo, sum_dy,
-                      sum_dy_xmu)
+    _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, sum_dy, sum_dy_xmu)
+    sum_dy_xmu -= rest * sum_dy  # sums of dy * (x - hi) -> dy * (x - mean)
     g = invstd if gamma is None else gamma * invstd
-    k1 = g.astype(np.float32)
-    k2 = (g * invstd * invstd * (sum_dy_xmu / n)).astype(np.float32)
-    k3 = (g * (sum_dy / n)).astype(np.float32)
-    _bn.dx(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, lo, k1, k2, k3, dx.reshape(-1))
+    k2 = g * invstd * invstd * (sum_dy_xmu / n)
+    k3 = g * (sum_dy / n) - rest * k2  # (x - mean) * k2 = (x - hi) * k2 - rest * k2
+    _bn.dx(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, g.astype(np.float32),
+           k2.astype(np.float32), k3.astype(np.float32), dx.reshape(-1))
     if gamma is not None:
         dgamma[...] = sum_dy_xmu * invstd
         dbeta[...] = sum_dy
@@ -595,12 +598,11 @@ def batchnorm_inference_backward(dy, x, gamma, running_mean, running_var, *, eps
                   "running_var": running_var})
     invstd, a, _ = _bn_inference_coefs(gamma, None, running_mean, running_var, eps)
     if gamma is not None:
-        hi, lo = _bn_split(running_mean.astype(np.float64))
         sum_dy = np.empty(C)
         sum_dy_xmu = np.empty(C)
-        _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, lo, sum_dy,
-                          sum_dy_xmu)
-    _bn.apply(dy.reshape(-1), rows, C, S, planar, None, None, a, np.zeros(C, np.float32),
+        _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, running_mean,
+                          sum_dy, sum_dy_xmu)
+    _bn.apply(dy.reshape(-1), rows, C, S, planar, None, a, np.zeros(C, np.float32),
               dx.reshape(-1))
     if gamma is not None:
         dgamma[...] = sum_dy_xmu * invstd

@@ -20,8 +20,10 @@
  *     order at the end of the plane into the item's partial for that plane's channel.
  * Every float32 partial therefore sums at most 16 terms before it reaches float64.
  *
- * Centering: a value is centered as d = (x - hi) - lo with hi + lo a float64 shift split into two
- * floats, so that x - mean keeps its accuracy when |mean| >> std (x - hi is exact near hi).
+ * Centering: kernels see a float shift hi per channel and work on d = x - hi, exact for x within
+ * a factor 2 of hi (Sterbenz). With hi the float nearest the float64 mean, the caller folds the
+ * remainder mean - hi into per-channel float64 constants, so x - mean keeps its accuracy when
+ * |mean| >> std.
  *
  * Element-wise sweeps run in parallel over row tiles (rows layout) or plane segments (planar).
  * Every parallel driver is compiled for AVX-512, AVX2 and baseline x86-64 (OC_CLONES).
@@ -72,11 +74,10 @@ static inline int64_t oc_bn_total(const oc_bn_shape *sh) { return sh->rows * sh-
 
 /* ---- per-element math ------------------------------------------------------------------ */
 
-OC_AI float oc_bn_center(float x, float hi, float lo) { return (x - hi) - lo; }
-
-/* The two sums of a reduction: mode 0 (statistics) d and d*d; mode 1 (backward) dy and dy*d. */
-OC_AI void oc_bn_terms(int mode, float x, float dy, float hi, float lo, float *v1, float *v2) {
-    float d = oc_bn_center(x, hi, lo);
+/* The two sums of a reduction, with d = x - hi: mode 0 (statistics) d and d*d; mode 1
+ * (backward) dy and dy*d. */
+OC_AI void oc_bn_terms(int mode, float x, float dy, float hi, float *v1, float *v2) {
+    float d = x - hi;
     if (mode == 0) { *v1 = d; *v2 = d * d; }
     else { *v1 = dy; *v2 = dy * d; }
 }
@@ -113,9 +114,9 @@ OC_AI double oc_bn_lane_sum(const oc_v8d *f) {
 }
 
 /* Add the sums of one contiguous run of n elements (one channel) to the float64 lanes. */
-OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, float hi, float lo,
+OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, float hi,
                           oc_bn_lanes *F) {
-    const oc_v16f vh = hi - (oc_v16f){0}, vl = lo - (oc_v16f){0};
+    const oc_v16f vh = hi - (oc_v16f){0};
     int64_t i = 0;
     while (i + OC_BN_LANES <= n) {
         oc_v16f l1 = {0}, l2 = {0};
@@ -125,7 +126,7 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
             for (; i < end; i += OC_BN_LANES) {
                 oc_v16f d;
                 OC_V16_LOAD(d, x + i);
-                d = (d - vh) - vl;
+                d = d - vh;
                 l1 += d;
                 l2 += d * d;
             }
@@ -134,7 +135,7 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
                 oc_v16f d, g;
                 OC_V16_LOAD(d, x + i);
                 OC_V16_LOAD(g, dy + i);
-                d = (d - vh) - vl;
+                d = d - vh;
                 l1 += g;
                 l2 += g * d;
             }
@@ -146,7 +147,7 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
         oc_v16f l1 = {0}, l2 = {0};
         for (int j = 0; i < n; i++, j++) {
             float v1, v2;
-            oc_bn_terms(mode, x[i], dy == NULL ? 0.0f : dy[i], hi, lo, &v1, &v2);
+            oc_bn_terms(mode, x[i], dy == NULL ? 0.0f : dy[i], hi, &v1, &v2);
             l1[j] = v1;
             l2[j] = v2;
         }
@@ -171,10 +172,10 @@ static float *oc_bn_replicate(const float *v, int64_t C, int64_t kr, int *fail) 
     return t;
 }
 
-/* Rows layout: sums over rows [r0, r1) into p1[C], p2[C] (float64, zeroed here). hi and lo are
+/* Rows layout: sums over rows [r0, r1) into p1[C], p2[C] (float64, zeroed here). hi is
  * replicated over a tile of kr rows; a1, a2 are float32 scratch tiles of kr*C elements. */
 OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
-                           const float *hi, const float *lo, int64_t kr, int64_t r0, int64_t r1,
+                           const float *hi, int64_t kr, int64_t r0, int64_t r1,
                            double *p1, double *p2, float *a1, float *a2) {
     const int64_t C = sh->C, T = kr * C;
     for (int64_t c = 0; c < C; c++) { p1[c] = 0.0; p2[c] = 0.0; }
@@ -186,14 +187,14 @@ OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, cons
             const float *xt = x + r * C;
             if (mode == 0) {
                 for (int64_t i = 0; i < n; i++) {
-                    float d = oc_bn_center(xt[i], hi[i], lo[i]);
+                    float d = xt[i] - hi[i];
                     a1[i] += d;
                     a2[i] += d * d;
                 }
             } else {
                 const float *gt = dy + r * C;
                 for (int64_t i = 0; i < n; i++) {
-                    float d = oc_bn_center(xt[i], hi[i], lo[i]);
+                    float d = xt[i] - hi[i];
                     a1[i] += gt[i];
                     a2[i] += gt[i] * d;
                 }
@@ -218,10 +219,9 @@ OC_AI void oc_bn_unit(const oc_bn_shape *sh, int64_t segs, int64_t p, int64_t se
 }
 
 /* Per-channel sums s1[c], s2[c] (float64) of mode 0 (d, d*d) or mode 1 (dy, dy*d), with
- * d = (x - hi[c]) - lo[c]. dy is only read in mode 1. Returns 0, or -1 when out of memory. */
+ * d = x - hi[c]. dy is only read in mode 1. Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
-                                    const float *hi, const float *lo, double *s1, double *s2,
-                                    const oc_exec *ex) {
+                                    const float *hi, double *s1, double *s2, const oc_exec *ex) {
     const int64_t C = sh->C, total = oc_bn_total(sh);
     if (!sh->planar) {
         const int64_t kr = oc_bn_tile_rows(C), T = kr * C;
@@ -229,20 +229,19 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
         R = (R < OC_BN_RB ? OC_BN_RB : R) * kr;              /* rows per item */
         const int64_t items = (sh->rows + R - 1) / R;
         int fail = 0;
-        float *H = oc_bn_replicate(hi, C, kr, &fail), *L = oc_bn_replicate(lo, C, kr, &fail);
+        float *H = oc_bn_replicate(hi, C, kr, &fail);
         double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items * C + 1));
         float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * items * T + 1));
         if (fail || part == NULL || scratch == NULL) {
-            free(H); free(L); free(part); free(scratch);
+            free(H); free(part); free(scratch);
             return -1;
         }
         OC_BN_FOR(ex, total, it, items, {
             int64_t r0 = it * R, r1 = r0 + R < sh->rows ? r0 + R : sh->rows;
-            oc_bn_rows_item(mode, sh, x, dy, H, L, kr, r0, r1, part + 2 * it * C,
+            oc_bn_rows_item(mode, sh, x, dy, H, kr, r0, r1, part + 2 * it * C,
                             part + (2 * it + 1) * C, scratch + 2 * it * T, scratch + (2 * it + 1) * T);
         });
         free(H);
-        free(L);
         free(scratch);
         for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
         for (int64_t it = 0; it < items; it++) {
@@ -268,7 +267,7 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
             int64_t off, len;
             oc_bn_unit(sh, segs, p, u % segs, &off, &len);
             oc_bn_lanes F = {{{0}, {0}}, {{0}, {0}}};
-            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, len, hi[c], lo[c], &F);
+            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, len, hi[c], &F);
             p1[c] += oc_bn_lane_sum(F.s1);
             p2[c] += oc_bn_lane_sum(F.s2);
         }
@@ -282,65 +281,53 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
     return 0;
 }
 
-/* Split a float64 value into hi + lo floats (hi the nearest float, lo the rest rounded). */
-static inline void oc_bn_split(double v, float *hi, float *lo) {
-    float h = (float)v;
-    *hi = h;
-    *lo = (float)(v - (double)h);
-}
-
 /* Training statistics: per-channel mean and biased variance (float64, variance >= 0).
  *
  * One read pass of shifted sums: with shift K (the channel's first element) and d = x - K,
  * mean = K + sum(d)/n and var = sum(d^2)/n - (sum(d)/n)^2. The float32 partials (at most 16
  * terms) carry a relative error of about 1e-6 of sum(d^2), which the subtraction amplifies by
  * 1 + ((mean - K)/std)^2; so when a channel's shift lies more than OC_BN_SHIFT_RATIO standard
- * deviations from its mean, the sums are taken again around the mean just found (a second pass,
- * only then), which bounds the relative error of the variance by about 2e-5 in the worst case.
- * Returns 0, or -1 when out of memory. */
+ * deviations from its mean, the sums are taken again around the float nearest the mean just
+ * found (a second pass, only then), which bounds the relative error of the variance by about
+ * 2e-5 in the worst case. Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_stats_run(const oc_bn_shape *sh, const float *x, double *mean, double *var,
                                      const oc_exec *ex) {
     const int64_t C = sh->C;
     const double n = (double)(sh->rows * sh->S);
-    float *shift = (float *)malloc(sizeof(float) * (size_t)(2 * C + 1));
+    float *hi = (float *)malloc(sizeof(float) * (size_t)(C + 1));
     double *s = (double *)malloc(sizeof(double) * (size_t)(2 * C + 1));
-    if (shift == NULL || s == NULL) { free(shift); free(s); return -1; }
-    float *hi = shift, *lo = shift + C;
-    for (int64_t c = 0; c < C; c++) {
-        hi[c] = sh->planar ? x[c * sh->S] : x[c];
-        lo[c] = 0.0f;
-    }
+    if (hi == NULL || s == NULL) { free(hi); free(s); return -1; }
+    for (int64_t c = 0; c < C; c++) hi[c] = sh->planar ? x[c * sh->S] : x[c];
     for (int pass = 0; pass < 2; pass++) {
-        if (oc_bn_sums_run(0, sh, x, NULL, hi, lo, s, s + C, ex) != 0) { free(shift); free(s); return -1; }
+        if (oc_bn_sums_run(0, sh, x, NULL, hi, s, s + C, ex) != 0) { free(hi); free(s); return -1; }
         int again = 0;
         for (int64_t c = 0; c < C; c++) {
             double m1 = s[c] / n, v = s[C + c] / n - m1 * m1;
             v = v < 0.0 ? 0.0 : v;  /* NaN passes */
-            mean[c] = ((double)hi[c] + (double)lo[c]) + m1;
+            mean[c] = (double)hi[c] + m1;
             var[c] = v;
             if (m1 * m1 > OC_BN_SHIFT_RATIO * OC_BN_SHIFT_RATIO * v) again = 1;
         }
         if (!again) break;
-        for (int64_t c = 0; c < C; c++) oc_bn_split(mean[c], &hi[c], &lo[c]);
+        for (int64_t c = 0; c < C; c++) hi[c] = (float)mean[c];
     }
-    free(shift);
+    free(hi);
     free(s);
     return 0;
 }
 
 /* ---- element-wise sweeps --------------------------------------------------------------- */
 
-/* y = ((x - hi[c]) - lo[c]) * a[c] + b[c]; with hi = lo = NULL, y = x * a[c] + b[c].
+/* y = (x - hi[c]) * a[c] + b[c]; with hi = NULL, y = x * a[c] + b[c].
  * Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi,
-                                     const float *lo, const float *a, const float *b, float *y,
-                                     const oc_exec *ex) {
+                                     const float *a, const float *b, float *y, const oc_exec *ex) {
     const int64_t C = sh->C, S = sh->S, total = oc_bn_total(sh);
     if (!sh->planar) {
         const int64_t kr = oc_bn_tile_rows(C), ntiles = (sh->rows + kr - 1) / kr;
         int fail = 0;
         float *A = oc_bn_replicate(a, C, kr, &fail), *B = oc_bn_replicate(b, C, kr, &fail);
-        float *H = oc_bn_replicate(hi, C, kr, &fail), *L = oc_bn_replicate(lo, C, kr, &fail);
+        float *H = oc_bn_replicate(hi, C, kr, &fail);
         if (!fail) {
             if (hi == NULL) {
                 OC_BN_FOR(ex, total, t, ntiles, {
@@ -354,11 +341,11 @@ OC_CLONES static int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, cons
                     const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
                     const float *xt = x + r0 * C;
                     float *yt = y + r0 * C;
-                    for (int64_t i = 0; i < n; i++) yt[i] = oc_bn_center(xt[i], H[i], L[i]) * A[i] + B[i];
+                    for (int64_t i = 0; i < n; i++) yt[i] = (xt[i] - H[i]) * A[i] + B[i];
                 });
             }
         }
-        free(A); free(B); free(H); free(L);
+        free(A); free(B); free(H);
         return fail ? -1 : 0;
     }
     const int64_t segs = oc_bn_segments(S);
@@ -377,25 +364,25 @@ OC_CLONES static int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, cons
             const int64_t p = u / segs, c = p % C;
             int64_t off, len;
             oc_bn_unit(sh, segs, p, u % segs, &off, &len);
-            const float hc = hi[c], lc = lo[c], ac = a[c], bc = b[c];
+            const float hc = hi[c], ac = a[c], bc = b[c];
             const float *xp = x + off;
             float *yp = y + off;
-            for (int64_t i = 0; i < len; i++) yp[i] = oc_bn_center(xp[i], hc, lc) * ac + bc;
+            for (int64_t i = 0; i < len; i++) yp[i] = (xp[i] - hc) * ac + bc;
         });
     }
     return 0;
 }
 
-/* Training backward, second pass: dx = dy * k1[c] - ((x - hi[c]) - lo[c]) * k2[c] - k3[c].
+/* Training backward, second pass: dx = dy * k1[c] - (x - hi[c]) * k2[c] - k3[c].
  * Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x,
-                                  const float *hi, const float *lo, const float *k1,
-                                  const float *k2, const float *k3, float *dx, const oc_exec *ex) {
+                                  const float *hi, const float *k1, const float *k2,
+                                  const float *k3, float *dx, const oc_exec *ex) {
     const int64_t C = sh->C, S = sh->S, total = oc_bn_total(sh);
     if (!sh->planar) {
         const int64_t kr = oc_bn_tile_rows(C), ntiles = (sh->rows + kr - 1) / kr;
         int fail = 0;
-        float *H = oc_bn_replicate(hi, C, kr, &fail), *L = oc_bn_replicate(lo, C, kr, &fail);
+        float *H = oc_bn_replicate(hi, C, kr, &fail);
         float *K1 = oc_bn_replicate(k1, C, kr, &fail), *K2 = oc_bn_replicate(k2, C, kr, &fail);
         float *K3 = oc_bn_replicate(k3, C, kr, &fail);
         if (!fail) {
@@ -404,10 +391,10 @@ OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const 
                 const float *xt = x + r0 * C, *gt = dy + r0 * C;
                 float *dt = dx + r0 * C;
                 for (int64_t i = 0; i < n; i++)
-                    dt[i] = (gt[i] * K1[i] - oc_bn_center(xt[i], H[i], L[i]) * K2[i]) - K3[i];
+                    dt[i] = (gt[i] * K1[i] - (xt[i] - H[i]) * K2[i]) - K3[i];
             });
         }
-        free(H); free(L); free(K1); free(K2); free(K3);
+        free(H); free(K1); free(K2); free(K3);
         return fail ? -1 : 0;
     }
     const int64_t segs = oc_bn_segments(S);
@@ -415,10 +402,10 @@ OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const 
         const int64_t p = u / segs, c = p % C;
         int64_t off, len;
         oc_bn_unit(sh, segs, p, u % segs, &off, &len);
-        const float hc = hi[c], lc = lo[c], a = k1[c], b = k2[c], e = k3[c];
+        const float hc = hi[c], a = k1[c], b = k2[c], e = k3[c];
         const float *xp = x + off, *gp = dy + off;
         float *dp = dx + off;
-        for (int64_t i = 0; i < len; i++) dp[i] = (gp[i] * a - oc_bn_center(xp[i], hc, lc) * b) - e;
+        for (int64_t i = 0; i < len; i++) dp[i] = (gp[i] * a - (xp[i] - hc) * b) - e;
     });
     return 0;
 }
