@@ -9,6 +9,7 @@ from optcore._kernels._runtime import (
 from optcore import clip, distributed, init, kernels, scaling, schedules
 from optcore.constraints import MaxNorm
 from optcore.ema import EMA
+from optcore.batchnorm import BatchNorm
 from optcore.optim import (
     SGD,
     AdaGrad,
@@ -43,6 +44,7 @@ __all__ = [
     "NAdam",
     "StepResult",
     "GradScaler",
+    "BatchNorm",
     "kernels",
     "schedules",
     "init",
