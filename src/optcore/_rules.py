@@ -173,6 +173,13 @@ class AdamWRule(AdamRule):
     name = "adamw"
     defaults = dict(AdamRule.defaults, weight_decay=1e-2, decoupled_weight_decay=True)
 
+    @staticmethod
+    def check(h):
+        AdamRule.check(h)
+        if h["decoupled_weight_decay"] is not True:
+            raise ValueError("AdamW always decouples weight decay (decoupled_weight_decay must "
+                             "stay True); use Adam for coupled L2 weight decay")
+
 
 class AdaMaxRule(Rule):
     name = "adamax"
