@@ -47,8 +47,9 @@ def _pairs(arg, name):
         isinstance(p, (list, tuple)) and len(p) == 2 for p in arg
     ):
         raise TypeError(f"{name} must be a list of (param, grad) array pairs")
-    params = ck.array_list(f"{name} params", [p for p, _ in arg])
-    grads = ck.array_list(f"{name} grads", [g for _, g in arg], writeable=False)
+    params = [ck.float32_buffer(f"{name}[{i}][0] (param)", p) for i, (p, _) in enumerate(arg)]
+    grads = [ck.float32_buffer(f"{name}[{i}][1] (grad)", g, writeable=False)
+             for i, (_, g) in enumerate(arg)]
     for i, (p, g) in enumerate(zip(params, grads)):
         if p.shape != g.shape:
             raise ValueError(f"{name}[{i}]: param has shape {p.shape} but grad has shape {g.shape}")
@@ -96,6 +97,10 @@ class Optimizer:
                 seen[f"group {i} param {n}"] = [p]
                 seen[f"group {i} grad {n}"] = [g]
         ck.no_overlap(seen)
+        # zero_grad writes the gradients: remember the first one it may not write
+        self._readonly_grad = next(
+            (f"group {i} grad {n}" for i, (_, names, _, gs) in enumerate(specs)
+             for n, g in zip(names, gs) if not g.flags.writeable), None)
         self.param_groups = []
         self._groups = []
         for h, names, ps, gs in specs:
@@ -182,7 +187,13 @@ class Optimizer:
             pg["lr"] = h["lr"]
 
     def zero_grad(self):
-        """Set every gradient of every group to zero."""
+        """Set every gradient of every group to zero.
+
+        Raises ValueError, writing nothing, when a gradient array was read-only at
+        construction (the optimizer itself only reads gradients).
+        """
+        if self._readonly_grad is not None:
+            raise ValueError(f"zero_grad: {self._readonly_grad} is read-only; zero it yourself")
         if self.parameters is not None:
             self.parameters.zero_grad()
             return
