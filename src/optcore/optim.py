@@ -276,13 +276,16 @@ class Optimizer:
                 if a is None:
                     raise ValueError(f"state lacks {p}state.{s}")
                 a = np.asarray(a)
-                if a.shape != arena.flat.shape or a.dtype != np.float32:
+                if a.dtype != np.float32:
+                    raise TypeError(f"{p}state.{s} must have dtype float32, got {a.dtype}")
+                if a.shape != arena.flat.shape:
                     raise ValueError(
-                        f"{p}state.{s} must be float32 of shape {arena.flat.shape}, "
-                        f"got {a.dtype} {a.shape}"
+                        f"{p}state.{s} must have shape {arena.flat.shape}, got {a.shape}"
                     )
                 arrays[s] = a
-            step = ck.in_range(p + "step", np.asarray(state.get(p + "step", -1)).item(), 0)
+            step = np.asarray(state.get(p + "step", -1))
+            if step.shape != () or not np.issubdtype(step.dtype, np.integer) or step < 0:
+                raise ValueError(f"{p}step must be an integer >= 0, got {step!r}")
             scalars = {k[len(p + "scalar."):]: float(np.asarray(v)) for k, v in state.items()
                        if k.startswith(p + "scalar.")}
             plans.append((g, hyper, arrays, int(step), scalars))
