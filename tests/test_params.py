@@ -81,7 +81,8 @@ def test_aligned_zeros():
     for n in (0, 1, 15, 16, 17, 1000):
         a = aligned_zeros(n)
         assert a.shape == (n,) and a.dtype == np.float32 and (a == 0).all()
-        assert addr(a) % ALIGN_BYTES == 0
+        if n:  # an empty array has no data to align (NumPy may give it any address)
+            assert addr(a) % ALIGN_BYTES == 0
 
 
 def test_from_arrays_copies():
