@@ -107,7 +107,7 @@ def test_pairs_input_matches_reference(cls):
     ps = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     gs = [np.zeros(s, np.float32) for s in shapes]
     opt = getattr(optcore, cls)(list(zip(ps, gs)), **FULL[cls])
-    h = dict(optcore.optim.__dict__[cls].rule.defaults, **FULL[cls])
+    h = dict(getattr(optcore, cls).rule.defaults, **FULL[cls])
     rule = opt.rule.name if opt.rule.name != "adamw" else "adam"
     ref_h = {k: v for k, v in h.items() if k not in ("betas", "decoupled_weight_decay")}
     if "betas" in h:
@@ -296,6 +296,15 @@ def test_state_dict_is_plain_arrays_and_numbers():
         for k in f.files:
             assert f[k].dtype != object
         assert "group0.scalar.mu_product" in f.files
+
+
+def test_betas_given_as_a_list_round_trip():
+    """Regression: with betas passed as a list, load_state_dict took them for a scalar."""
+    x, g = np.zeros(3, np.float32), np.ones(3, np.float32)
+    opt = optcore.NAdam([(x, g)], betas=[0.8, 0.99])
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    assert tuple(opt.param_groups[0]["betas"]) == (0.8, 0.99)
 
 
 def test_load_restores_hyper_parameters():

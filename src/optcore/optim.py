@@ -260,7 +260,7 @@ class Optimizer:
             if sizes.tolist() != [a.size for a in g.params]:
                 raise ValueError(f"{p}sizes is {sizes.tolist()}, expected {[a.size for a in g.params]}")
             hyper = {}
-            for k, default in self.defaults.items():
+            for k, default in self.rule.defaults.items():
                 v = state.get(p + "hyper." + k)
                 if v is None:
                     raise ValueError(f"state lacks {p}hyper.{k}")
