@@ -37,6 +37,8 @@ def test_set_num_threads_errors(bad, exc):
 
 @pytest.mark.parametrize("n", ["1", "2"])
 def test_omp_num_threads_honoured(n):
+    if not optcore.config()["openmp"]:
+        pytest.skip("built without OpenMP")
     env = dict(os.environ, OMP_NUM_THREADS=n)
     out = subprocess.run([sys.executable, "-c", "import optcore; print(optcore.get_num_threads())"],
                          env=env, capture_output=True, text=True, check=True)
@@ -160,7 +162,8 @@ def test_flush_denormal(n, nthreads):
         optcore.kernels.adam_(p, g, m, v, step=1, lr=1e-3)
         return v
 
-    assert optcore.set_flush_denormal(True) is True
+    if not optcore.set_flush_denormal(True):
+        pytest.skip("no flush-to-zero control on this CPU")
     assert optcore.get_flush_denormal() is True
     assert (step() == 0).all()
     # the Python thread's own floating-point mode is untouched
