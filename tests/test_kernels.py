@@ -14,10 +14,17 @@ largest magnitude of the buffer before and after the step. We allow 4 eps (8 eps
 hypothesis, which roams over wider hyper-parameters), i.e. |k - r| <= 4 eps (|r| + scale):
 still ~1e-6 of the buffer's magnitude, far below any formula error (a wrong bias
 correction or a missing term is off by >= 1e-3 relative).
+
+Plus a backward-error term: the kernel's float32 gradient stage (``g * s + wd * p``) can
+cancel, and a later step may amplify the cancelled value (AdaGrad's first step maps g to
+~g / (|g| + eps), a slope of lr / eps near 0). The kernel is exact for inputs perturbed by
+~1 ulp, so we add the reference's own change when its inputs are perturbed by 2 eps
+(gradient and states one way, parameter the other, and the reverse): elementwise, this is
+only large where the formula itself is that sensitive.
 """
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import optcore
@@ -80,12 +87,42 @@ def kernel_call(rule, params, grads, states, *, step, h, mu_product=1.0, grad_sc
     return out if rule == "nadam" else mu_product
 
 
-def assert_step(name, actual, expected, before, k=4):
-    """|actual - expected| <= k eps32 (|expected| + scale), scale = buffer magnitude."""
+def assert_step(name, actual, expected, before, k=4, extra=0.0):
+    """|actual - expected| <= k eps32 (|expected| + scale) + extra, scale = buffer
+    magnitude, extra = the reference's sensitivity to 2-eps input perturbations."""
     scale = max(float(np.max(np.abs(before), initial=0.0)),
                 float(np.max(np.abs(expected), initial=0.0)))
-    np.testing.assert_allclose(actual, expected, rtol=k * EPS32, atol=k * EPS32 * scale,
-                               err_msg=name)
+    actual = np.asarray(actual, np.float64)
+    bound = k * EPS32 * (np.abs(expected) + scale) + extra
+    bad = ~(np.abs(actual - expected) <= bound)
+    bad &= ~(np.isnan(actual) & np.isnan(expected))
+    if bad.any():
+        i = np.flatnonzero(bad.reshape(-1))[0]
+        raise AssertionError(
+            f"{name}: {bad.sum()} of {bad.size} elements off; first at flat index {i}: "
+            f"got {actual.reshape(-1)[i]!r}, expected {expected.reshape(-1)[i]!r}, "
+            f"bound {np.broadcast_to(bound, bad.shape).reshape(-1)[i]!r}")
+
+
+DELTA = 2 * EPS32
+
+
+def reference_with_sensitivity(rule, p, g, state, *, step, h, mu_product, grad_scale):
+    """The reference result and, per buffer, its largest change under 2-eps perturbations
+    of the inputs (see the module docstring)."""
+    nominal = R.apply(rule, p, g, state, step=step, h=h, mu_product=mu_product,
+                      grad_scale=grad_scale)
+    extra = {"param": 0.0, **{n: 0.0 for n in nominal[1]}}
+    p64, g64 = p.astype(np.float64), g.astype(np.float64)
+    for sign in (1.0, -1.0):
+        st = {n: v.astype(np.float64) * (1 + sign * DELTA) for n, v in state.items()}
+        pert = R.apply(rule, p64 * (1 - sign * DELTA), g64 * (1 + sign * DELTA), st, step=step,
+                       h=h, mu_product=mu_product, grad_scale=grad_scale)
+        with np.errstate(invalid="ignore"):
+            extra["param"] = np.fmax(extra["param"], np.abs(pert[0] - nominal[0]))
+            for n in nominal[1]:
+                extra[n] = np.fmax(extra[n], np.abs(pert[1][n] - nominal[1][n]))
+    return nominal, extra
 
 
 def lockstep(rule, h, shapes, *, steps, rng, single=False, grad_scale=1.0, k=4, gmag=1.0):
@@ -98,11 +135,13 @@ def lockstep(rule, h, shapes, *, steps, rng, single=False, grad_scale=1.0, k=4, 
         # gradients of mixed magnitudes (per step) so that small and large values both occur
         mag = gmag * rng.choice([1e-3, 1.0, 30.0])
         grads = [(mag * rng.standard_normal(s)).astype(np.float32) for s in shapes]
-        expected = []
+        expected, extras = [], []
         for i in range(len(shapes)):
             si = {n: v[i] for n, v in states.items()}
-            expected.append(R.apply(rule, params[i], grads[i], si, step=t, h=h, mu_product=mu,
-                                    grad_scale=grad_scale))
+            e, x = reference_with_sensitivity(rule, params[i], grads[i], si, step=t, h=h,
+                                              mu_product=mu, grad_scale=grad_scale)
+            expected.append(e)
+            extras.append(x)
         before = [(params[i].copy(), {n: v[i].copy() for n, v in states.items()})
                   for i in range(len(shapes))]
         if single:
@@ -112,10 +151,12 @@ def lockstep(rule, h, shapes, *, steps, rng, single=False, grad_scale=1.0, k=4, 
             mu_new = kernel_call(rule, params, grads, states, step=t, h=h, mu_product=mu,
                                  grad_scale=grad_scale)
         for i, (ep, es, emu) in enumerate(expected):
-            assert_step(f"step {t} param[{i}]", params[i], ep, before[i][0], k)
+            assert_step(f"step {t} param[{i}]", params[i], ep, before[i][0], k,
+                        extras[i]["param"])
             assert set(es) == set(states), (set(es), set(states))
             for n in es:
-                assert_step(f"step {t} {n}[{i}]", states[n][i], es[n], before[i][1][n], k)
+                assert_step(f"step {t} {n}[{i}]", states[n][i], es[n], before[i][1][n], k,
+                            extras[i][n])
         if rule == "nadam":
             # the mu product is a float64 scalar: same formula, same float64 operations
             assert mu_new == pytest.approx(expected[0][2], rel=1e-15)
@@ -288,9 +329,7 @@ def hyper(draw):
         h = dict(lr=lr, lr_decay=draw(st.floats(0.0, 0.5)), eps=eps,
                  initial_accumulator_value=draw(st.floats(0.0, 1.0)))
     elif rule == "rmsprop":
-        # alpha up to 0.99: the centered variance v - avg^2 cancels by a factor ~1/(1-alpha),
-        # which the fixed tolerance below covers up to 0.99
-        h = dict(lr=lr, alpha=draw(st.floats(0.5, 0.99)), eps=eps,
+        h = dict(lr=lr, alpha=draw(st.floats(0.5, 0.9999)), eps=eps,
                  momentum=draw(st.sampled_from([0.0, 0.9])), centered=draw(st.booleans()))
     elif rule == "adam":
         h = dict(lr=lr, beta1=b1, beta2=b2, eps=eps, amsgrad=draw(st.booleans()),
@@ -310,13 +349,11 @@ def hyper(draw):
 @given(hyper(), st.lists(st.integers(0, 600), min_size=1, max_size=5),
        st.integers(0, 2**32 - 1), st.sampled_from([1e-3, 1.0, 100.0]),
        st.sampled_from([1.0, 0.25, -3.0]))
+@example(("adagrad", dict(lr=1.0, lr_decay=0.0, eps=1e-3, initial_accumulator_value=0.0,
+                          weight_decay=0.375, maximize=False)),
+         [88], 13939409, 1.0, 1.0)  # cancellation in g + wd p amplified by lr / eps
 def test_hypothesis_rules(rule_h, sizes, seed, gmag, grad_scale):
     rule, h = rule_h
-    if rule == "rmsprop" and h["centered"]:
-        # 1/(1 - alpha) <= 100 cancellation in v - avg^2 before the square root (relative error
-        # of the denominator up to ~50 eps, diluted in |p| + |update|): allow 64 eps
-        k = 64
-    else:
-        k = 8
+    k = 8
     lockstep(rule, h, [(n,) for n in sizes], steps=4, rng=np.random.default_rng(seed), k=k,
              grad_scale=grad_scale, gmag=gmag)
