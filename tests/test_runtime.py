@@ -200,3 +200,22 @@ def test_cli_info():
     assert optcore.__version__ in out
     for word in ("openmp", "threads", "instruction set", optcore.config()["isa"]):
         assert word in out
+
+
+@pytest.mark.parametrize("cls", ["SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaMax", "NAdam"])
+def test_optimizer_classes_bitwise_identical_with_1_and_2_threads(cls):
+    """The class path (one kernel call per group over a Parameters arena)."""
+    out = []
+    for nthreads in (1, 2):
+        optcore.set_num_threads(nthreads)
+        rng = np.random.default_rng(4)
+        params = optcore.Parameters({"w": (400, 500), "b": (500,), "v": (3, 17)})
+        params.flat[...] = rng.standard_normal(params.flat.size)
+        opt = getattr(optcore, cls)(params, groups=[{"params": ["b"], "weight_decay": 0.0}],
+                                    lr=0.01, weight_decay=0.1)
+        for _ in range(3):
+            params.grads.flat[...] = rng.standard_normal(params.flat.size)
+            opt.step()
+        out.append((params.flat.tobytes(),
+                    [np.asarray(v).tobytes() for v in opt.state_dict().values()]))
+    assert out[0] == out[1]

@@ -15,6 +15,8 @@ import inspect
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import optcore
 
@@ -158,3 +160,60 @@ def test_defaults_match_torch(cls):
             continue  # fixed to True in both (torch's AdamW passes it to Adam internally)
         assert name in sig, name
         assert sig[name].default == value, (name, sig[name].default, value)
+
+
+TORCH_CLASSES = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
+
+
+@st.composite
+def torch_case(draw):
+    cls = draw(st.sampled_from(TORCH_CLASSES))
+    lr = draw(st.floats(1e-4, 0.1))
+    h = dict(lr=lr, maximize=draw(st.booleans()),
+             weight_decay=draw(st.sampled_from([0.0, 1e-3, 0.1])))
+    betas = (draw(st.floats(0.0, 0.99)), draw(st.floats(0.5, 0.9999)))
+    eps = draw(st.sampled_from([1e-8, 1e-6, 1e-3]))
+    if cls == "SGD":
+        mom = draw(st.sampled_from([0.0, 0.5, 0.9]))
+        nesterov = mom > 0 and draw(st.booleans())
+        h.update(momentum=mom, nesterov=nesterov,
+                 dampening=0.0 if nesterov else draw(st.floats(0.0, 1.0)))
+    elif cls == "Adagrad":
+        h.update(lr_decay=draw(st.floats(0.0, 0.5)), eps=eps,
+                 initial_accumulator_value=draw(st.floats(0.0, 1.0)))
+    elif cls == "RMSprop":
+        h.update(alpha=draw(st.floats(0.5, 0.999)), eps=eps, centered=draw(st.booleans()),
+                 momentum=draw(st.sampled_from([0.0, 0.9])))
+    elif cls in ("Adam", "AdamW"):
+        h.update(betas=betas, eps=eps, amsgrad=draw(st.booleans()))
+        if cls == "Adam":
+            h["decoupled_weight_decay"] = draw(st.booleans())
+    elif cls == "Adamax":
+        h.update(betas=betas, eps=eps)
+    else:
+        h.update(betas=betas, eps=eps, decoupled_weight_decay=draw(st.booleans()),
+                 momentum_decay=draw(st.sampled_from([0.0, 4e-3, 0.1])))
+    return cls, h
+
+
+# derandomized: a fixed set of examples, so CI does not depend on torch's rounding luck
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(torch_case(), st.integers(0, 2**32 - 1))
+def test_hypothesis_against_torch(case, seed):
+    """Random hyper-parameters, 20 steps, same tolerance as above."""
+    cls, h = case
+    rng = np.random.default_rng(seed)
+    shapes = [(7,), (3, 5)]
+    params = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [np.zeros(s, np.float32) for s in shapes]
+    tparams = [torch.tensor(p.copy()) for p in params]
+    opt = getattr(optcore, cls)(list(zip(params, grads)), **h)
+    topt = getattr(torch.optim, cls)(tparams, foreach=False, **h)
+    for _ in range(20):
+        for g, tp in zip(grads, tparams):
+            g[...] = rng.standard_normal(g.shape)
+            tp.grad = torch.tensor(g.copy())
+        opt.step()
+        topt.step()
+    for p, tp in zip(params, tparams):
+        np.testing.assert_allclose(p, tp.numpy(), rtol=1e-5, atol=1e-6)
