@@ -263,6 +263,25 @@ def test_sgd_first_step_ignores_buffer_content(rng):
     np.testing.assert_allclose(buf, 1.4 * g.astype(np.float64), rtol=4 * EPS32)
 
 
+@pytest.mark.parametrize("rule,h", CONFIGS, ids=CONFIG_IDS)
+def test_numpy_scalar_hyper_parameters(rule, h, rng):
+    """NumPy float32 scalars as hyper-parameters give bitwise the same as the equal Python
+    floats (step scalars stay float64), and NumPy integer steps work."""
+    h32 = {k: np.float32(v) if isinstance(v, float) else v for k, v in h.items()}
+    h64 = {k: float(v) if isinstance(v, np.float32) else v for k, v in h32.items()}
+    shapes = [(50,)]
+    a, b = [rng.standard_normal(50).astype(np.float32)], None
+    b = [a[0].copy()]
+    sa, sb = make_state(rule, h, shapes), make_state(rule, h, shapes)
+    mu_a = mu_b = 1.0
+    for t in range(1, 5):
+        g = [rng.standard_normal(50).astype(np.float32)]
+        mu_a = kernel_call(rule, a, g, sa, step=np.int16(t), h=h32, mu_product=mu_a)
+        mu_b = kernel_call(rule, b, g, sb, step=t, h=h64, mu_product=mu_b)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert mu_a == mu_b
+
+
 def test_nadam_returns_mu_product():
     p, g = np.ones(3, np.float32), np.ones(3, np.float32)
     m, v = np.zeros(3, np.float32), np.zeros(3, np.float32)

@@ -134,6 +134,31 @@ def test_pairs_input_matches_reference(cls):
         mu = expected[0][2]
 
 
+@pytest.mark.parametrize("cls", CLASSES)
+def test_numpy_scalar_hyper_parameters_are_float64(cls):
+    """Regression: hyper-parameters given as NumPy float32 scalars made the step scalars
+    (bias corrections, NAdam's schedule) float32 under NumPy 2's promotion rules, changing
+    the update by up to 1%. They must give bitwise the same as the equal Python floats."""
+    h = dict(FULL[cls])
+    if "betas" in getattr(optcore, cls).rule.defaults:
+        h["betas"] = (0.9, 0.999)
+    as_np = {k: (np.float32(v) if isinstance(v, float) else
+                 tuple(np.float32(x) for x in v) if isinstance(v, tuple) else np.bool_(v))
+             for k, v in h.items()}
+    as_py = {k: (float(v) if not isinstance(v, tuple) else tuple(float(x) for x in v))
+             if not isinstance(v, np.bool_) else bool(v) for k, v in as_np.items()}
+    out = []
+    for hyper in (as_np, as_py):
+        rng = np.random.default_rng(0)
+        p, g = np.ones(100, np.float32), np.zeros(100, np.float32)
+        opt = getattr(optcore, cls)([(p, g)], **hyper)
+        for _ in range(5):
+            g[...] = rng.standard_normal(100) * 1e-3
+            opt.step()
+        out.append(p)
+    np.testing.assert_array_equal(out[0], out[1])
+
+
 def test_group_dicts_with_their_own_hyper_parameters():
     rng = np.random.default_rng(3)
     a = [(rng.standard_normal(10).astype(np.float32), rng.standard_normal(10).astype(np.float32))

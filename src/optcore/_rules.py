@@ -8,6 +8,8 @@ kernel once per call.
 """
 import math
 
+import numpy as np
+
 from optcore import _checks as ck
 from optcore._kernels import _optim
 
@@ -19,6 +21,21 @@ def grad_opts(*, lr, weight_decay, decoupled, maximize, grad_scale, tensor_scale
     if decoupled:
         return _optim.GradOpts(scale, tensor_scale, clamp, 0.0, 1.0 - lr * weight_decay, lr * l1)
     return _optim.GradOpts(scale, tensor_scale, clamp, weight_decay, 1.0, lr * l1)
+
+
+def plain(h):
+    """Return ``h`` with NumPy scalars as Python bools/floats (pairs as tuples of floats), so
+    that the step scalars are computed in float64 whatever scalar type the user passed
+    (NumPy 2 keeps ``np.float32(lr) / 0.1`` in float32)."""
+    out = {}
+    for k, v in h.items():
+        if isinstance(v, (bool, np.bool_)):
+            out[k] = bool(v)
+        elif isinstance(v, (tuple, list)):
+            out[k] = tuple(float(x) for x in v)
+        else:
+            out[k] = float(v)
+    return out
 
 
 def check_common(h):
@@ -176,7 +193,7 @@ class AdamWRule(AdamRule):
     @staticmethod
     def check(h):
         AdamRule.check(h)
-        if h["decoupled_weight_decay"] is not True:
+        if not h["decoupled_weight_decay"]:
             raise ValueError("AdamW always decouples weight decay (decoupled_weight_decay must "
                              "stay True); use Adam for coupled L2 weight decay")
 

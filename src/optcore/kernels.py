@@ -19,8 +19,9 @@ __all__ = ["sgd_", "adagrad_", "rmsprop_", "adam_", "adamax_", "nadam_"]
 
 def _apply(rule, h, step, param, grad, states, grad_scale, scalars=None, *, needs_step=True):
     rule.check(h)
+    h = _rules.plain(h)
     if needs_step:
-        ck.positive_int("step", step)
+        step = ck.positive_int("step", step)
     grad_scale = ck.finite("grad_scale", grad_scale)
     params = ck.array_list("param", param)
     grads = ck.array_list("grad", grad, writeable=False)

@@ -165,7 +165,7 @@ class Optimizer:
                         f"param_groups[{i}]['{k}'] changed whether a state buffer is needed; "
                         "create a new optimizer instead"
                     )
-            hypers.append(h)
+            hypers.append(_rules.plain(h))
         return hypers
 
     def step(self, lr=None):
