@@ -372,6 +372,8 @@ def test_groups_errors_on_parameters(rng):
         optcore.Adam(params, groups=[{"params": ["b"], "weight_decay": -1.0}])
     with pytest.raises(TypeError, match=r"groups\[0\]"):
         optcore.Adam(params, groups=[["w"]])
+    with pytest.raises(TypeError, match=r"groups\[0\]"):
+        optcore.Adam(params, groups=[{"params": "w"}])  # a name, not a list of names
     snap.check()
 
 

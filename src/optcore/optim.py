@@ -114,7 +114,8 @@ class Optimizer:
         if isinstance(params, Parameters):
             specs, used = [], set()
             for i, g in enumerate(groups or ()):
-                if not isinstance(g, dict) or "params" not in g:
+                if (not isinstance(g, dict) or "params" not in g
+                        or not isinstance(g["params"], (list, tuple))):
                     raise TypeError(f"groups[{i}] must be a dict with a 'params' list of names")
                 names = list(g["params"])
                 for n in names:
