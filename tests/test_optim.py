@@ -454,3 +454,23 @@ def test_converges_on_parabola(cls, maximize):
         g[...] = a * (x - c) * (-1 if maximize else 1)
         opt.step()
     np.testing.assert_allclose(x, c, atol=1e-2)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_step_allocates_nothing_the_size_of_the_parameters(cls):
+    """One step allocates O(groups) Python objects, never a parameter-sized temporary
+    (NumPy reports its buffers to tracemalloc)."""
+    import tracemalloc
+
+    params = optcore.Parameters({"w": (1000, 1000), "b": (1000,)})
+    opt = getattr(optcore, cls)(params, groups=[{"params": ["b"], "weight_decay": 0.0}],
+                                **FULL[cls])
+    opt.step()
+    tracemalloc.start()
+    try:
+        opt.step()
+        opt.zero_grad()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, peak  # the parameters are 4 MB
