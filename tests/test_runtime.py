@@ -195,11 +195,15 @@ def test_show_config():
 
 
 def test_cli_info():
-    out = subprocess.run([sys.executable, "-m", "optcore.cli", "info"], capture_output=True,
-                         text=True, check=True).stdout
-    assert optcore.__version__ in out
-    for word in ("openmp", "threads", "instruction set", optcore.config()["isa"]):
-        assert word in out
+    commands = [[sys.executable, "-m", "optcore.cli", "info"]]
+    script = os.path.join(os.path.dirname(sys.executable), "optcore")
+    if os.path.exists(script):  # the console script of the installed package
+        commands.append([script, "info"])
+    for cmd in commands:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert f"optcore {optcore.__version__}" in out
+        for word in ("openmp", "threads", "instruction set", optcore.config()["isa"]):
+            assert word in out
 
 
 @pytest.mark.parametrize("cls", ["SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaMax", "NAdam"])
