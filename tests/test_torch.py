@@ -217,3 +217,25 @@ def test_hypothesis_against_torch(case, seed):
         topt.step()
     for p, tp in zip(params, tparams):
         np.testing.assert_allclose(p, tp.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,h", CASES[::2], ids=IDS[::2])
+def test_non_finite_gradients_propagate_like_torch(cls, h):
+    """NaN and inf in a gradient: the same elements become NaN/inf as in torch, the rest
+    agree as usual (NaN positions compared as equal)."""
+    rng = np.random.default_rng(11)
+    p = rng.standard_normal(64).astype(np.float32)
+    g = np.zeros_like(p)
+    opt = getattr(optcore, cls)([(p, g)], **h)
+    tp = torch.tensor(p.copy())
+    topt = getattr(torch.optim, cls)([tp], foreach=False, **h)
+    for t in range(6):
+        g[...] = rng.standard_normal(64)
+        if t in (1, 3):
+            g[[3, 10]] = np.nan
+            g[[5]] = np.inf
+            g[[7]] = -np.inf
+        tp.grad = torch.tensor(g.copy())
+        opt.step()
+        topt.step()
+        np.testing.assert_allclose(p, tp.numpy(), rtol=1e-5, atol=1e-6, equal_nan=True)
