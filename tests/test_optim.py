@@ -332,6 +332,29 @@ def test_betas_given_as_a_list_round_trip():
     assert tuple(opt.param_groups[0]["betas"]) == (0.8, 0.99)
 
 
+def test_nadam_load_needs_its_mu_product():
+    """Without (or with a bad) mu_product NAdam would silently restart its momentum
+    schedule: loading is refused and nothing changes."""
+    params = make_params()
+    opt = optcore.NAdam(params)
+    run_steps(opt, params, 1, 3)
+    sd = opt.state_dict()
+    fresh_params = make_params()
+    fresh = optcore.NAdam(fresh_params)
+    snap = _snapshot(fresh, fresh_params)
+    for bad in (_modified(sd, **{"group0.scalar.mu_product": None}),
+                _modified(sd, **{"group0.scalar.mu_product": np.array(np.nan)}),
+                _modified(sd, **{"group0.scalar.mu_product": np.array(1.5)})):
+        with pytest.raises(ValueError, match="mu_product"):
+            fresh.load_state_dict(bad)
+        _check(fresh, fresh_params, snap)
+    fresh.load_state_dict(sd)
+    assert fresh.state_dict()["group0.scalar.mu_product"] == sd["group0.scalar.mu_product"]
+    # a state saved before the first step has no mu_product and needs none
+    fresh.load_state_dict(optcore.NAdam(make_params()).state_dict())
+    assert fresh.state_steps == [0]
+
+
 def test_load_restores_hyper_parameters():
     params = make_params()
     opt = optcore.Adam(params, lr=0.1, betas=(0.5, 0.6))

@@ -56,6 +56,7 @@ class Rule:
 
     name = ""
     defaults = {}
+    scalar_names = ()  # float64 scalar state kept after the first step, in [0, 1]
 
     @staticmethod
     def check(h):
@@ -222,6 +223,7 @@ class NAdamRule(Rule):
     name = "nadam"
     defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                     momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False)
+    scalar_names = ("mu_product",)
 
     @staticmethod
     def check(h):

@@ -287,8 +287,12 @@ class Optimizer:
             step = np.asarray(state.get(p + "step", -1))
             if step.shape != () or not np.issubdtype(step.dtype, np.integer) or step < 0:
                 raise ValueError(f"{p}step must be an integer >= 0, got {step!r}")
-            scalars = {k[len(p + "scalar."):]: float(np.asarray(v)) for k, v in state.items()
-                       if k.startswith(p + "scalar.")}
+            scalars = {}
+            for s in self.rule.scalar_names if step > 0 else ():
+                v = state.get(p + "scalar." + s)
+                if v is None:
+                    raise ValueError(f"state lacks {p}scalar.{s}")
+                scalars[s] = ck.in_range(f"{p}scalar.{s}", np.asarray(v).item(), 0.0, 1.0)
             plans.append((g, hyper, arrays, int(step), scalars))
         for (g, hyper, arrays, step, scalars), pg in zip(plans, self.param_groups):
             pg.update(hyper)
