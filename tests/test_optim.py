@@ -248,6 +248,22 @@ def test_step_counting_and_lr_changes():
         np.testing.assert_array_equal(params[n], copies[i])
 
 
+def test_extra_keys_in_param_groups_are_ignored():
+    """Keys a user or a scheduler adds to param_groups (torch's schedulers add
+    'initial_lr'; users tag groups with names) do not disturb the step."""
+    params, plain = make_params(), make_params()
+    opt = optcore.Adam(params, lr=0.01)
+    ref = optcore.Adam(plain, lr=0.01)
+    opt.param_groups[0]["name"] = "all"
+    opt.param_groups[0]["initial_lr"] = 0.01
+    params.grads.flat[...] = 1.0
+    plain.grads.flat[...] = 1.0
+    opt.step()
+    ref.step()
+    assert params.flat.tobytes() == plain.flat.tobytes()
+    assert opt.param_groups[0]["name"] == "all"
+
+
 def test_zero_grad():
     params = make_params()
     params.grads.flat[...] = 1.0

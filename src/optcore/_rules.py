@@ -7,6 +7,7 @@ schedule, AdaGrad's decayed rate) are computed here in float64 and handed to the
 kernel once per call.
 """
 import math
+from numbers import Real
 
 import numpy as np
 
@@ -31,10 +32,12 @@ def plain(h):
     for k, v in h.items():
         if isinstance(v, (bool, np.bool_)):
             out[k] = bool(v)
-        elif isinstance(v, (tuple, list)):
+        elif isinstance(v, (tuple, list)) and all(isinstance(x, Real) for x in v):
             out[k] = tuple(float(x) for x in v)
-        else:
+        elif isinstance(v, Real):
             out[k] = float(v)
+        else:  # not a hyper-parameter of the rule (e.g. a tag a user put in param_groups)
+            out[k] = v
     return out
 
 
