@@ -11,6 +11,7 @@ import optcore
 from optcore import kernels
 
 import reference as R
+from test_kernels import assert_step, reference_with_sensitivity
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -101,7 +102,8 @@ def test_parameters_input_equals_kernel_calls(cls):
 @pytest.mark.parametrize("cls", CLASSES)
 def test_pairs_input_matches_reference(cls):
     """A list of (param, grad) pairs, updated in place without copies, checked step by step
-    against the float64 reference (same 4-eps tolerance as tests/test_kernels.py)."""
+    against the float64 reference (same tolerance as tests/test_kernels.py: 4 eps of the
+    buffer's magnitude plus the reference's sensitivity to 2-eps input perturbations)."""
     rng = np.random.default_rng(2)
     shapes = [(3, 4), (17,), (1,)]
     ps = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -115,23 +117,22 @@ def test_pairs_input_matches_reference(cls):
     if rule in ("adam", "nadam"):
         ref_h["decoupled"] = h["decoupled_weight_decay"]
     state = [R.initial_state(rule, s, **ref_h) for s in shapes]
-    # centered RMSProp: v - avg^2 cancels by up to 1/(1 - alpha) = 100 (see test_kernels.py)
-    tol = (64 if cls == "RMSProp" else 4) * EPS32
     mu = 1.0
     for t in range(1, 8):
         fill_grads(gs, rng)
-        expected = [R.apply(rule, p, g, s, step=t, h=ref_h, mu_product=mu)
+        before = [p.copy() for p in ps]
+        expected = [reference_with_sensitivity(rule, p, g, s, step=t, h=ref_h, mu_product=mu,
+                                               grad_scale=1.0)
                     for p, g, s in zip(ps, gs, state)]
         opt.step()
-        for i, (ep, es, mu_i) in enumerate(expected):
-            scale = max(np.abs(ep).max(), np.abs(ps[i]).max())
-            np.testing.assert_allclose(ps[i], ep, rtol=tol, atol=tol * scale)
-            new = {k: opt.state_of(i)[k].astype(np.float64) for k in es}
+        for i, ((ep, es, _), extra) in enumerate(expected):
+            assert_step(f"step {t} param {i}", ps[i], ep, before[i], 4, extra["param"])
+            new = opt.state_of(i)
+            assert set(new) == set(es)
             for k in es:
-                scale = max(np.abs(es[k]).max(), np.abs(state[i][k]).max())
-                np.testing.assert_allclose(new[k], es[k], rtol=tol, atol=tol * scale)
-            state[i] = new
-        mu = expected[0][2]
+                assert_step(f"step {t} {k} {i}", new[k], es[k], state[i][k], 4, extra[k])
+            state[i] = {k: v.astype(np.float64) for k, v in new.items()}
+        mu = expected[0][0][2]
 
 
 @pytest.mark.parametrize("cls", CLASSES)
