@@ -13,7 +13,6 @@ from optcore import kernels
 import reference as R
 from test_kernels import assert_step, reference_with_sensitivity
 
-EPS32 = float(np.finfo(np.float32).eps)
 
 CLASSES = ["SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaMax", "NAdam"]
 # hyper-parameters that switch on every state buffer and scalar of each class
