@@ -7,6 +7,9 @@ schedule, AdaGrad's decayed rate) are computed here in float64 and handed to the
 kernel once per call.
 """
 import math
+from numbers import Real
+
+import numpy as np
 
 from optcore import _checks as ck
 from optcore._kernels import _optim
@@ -19,6 +22,23 @@ def grad_opts(*, lr, weight_decay, decoupled, maximize, grad_scale, tensor_scale
     if decoupled:
         return _optim.GradOpts(scale, tensor_scale, clamp, 0.0, 1.0 - lr * weight_decay, lr * l1)
     return _optim.GradOpts(scale, tensor_scale, clamp, weight_decay, 1.0, lr * l1)
+
+
+def plain(h):
+    """Return ``h`` with NumPy scalars as Python bools/floats (pairs as tuples of floats), so
+    that the step scalars are computed in float64 whatever scalar type the user passed
+    (NumPy 2 keeps ``np.float32(lr) / 0.1`` in float32)."""
+    out = {}
+    for k, v in h.items():
+        if isinstance(v, (bool, np.bool_)):
+            out[k] = bool(v)
+        elif isinstance(v, (tuple, list)) and all(isinstance(x, Real) for x in v):
+            out[k] = tuple(float(x) for x in v)
+        elif isinstance(v, Real):
+            out[k] = float(v)
+        else:  # not a hyper-parameter of the rule (e.g. a tag a user put in param_groups)
+            out[k] = v
+    return out
 
 
 def check_common(h):
@@ -40,6 +60,7 @@ class Rule:
 
     name = ""
     defaults = {}
+    scalar_names = ()  # float64 scalar state kept after the first step, in [0, 1]
 
     @staticmethod
     def check(h):
@@ -174,6 +195,13 @@ class AdamWRule(AdamRule):
     name = "adamw"
     defaults = dict(AdamRule.defaults, weight_decay=1e-2, decoupled_weight_decay=True)
 
+    @staticmethod
+    def check(h):
+        AdamRule.check(h)
+        if not h["decoupled_weight_decay"]:
+            raise ValueError("AdamW always decouples weight decay (decoupled_weight_decay must "
+                             "stay True); use Adam for coupled L2 weight decay")
+
 
 class AdaMaxRule(Rule):
     name = "adamax"
@@ -200,6 +228,7 @@ class NAdamRule(Rule):
     name = "nadam"
     defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                     momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, l1=0.0)
+    scalar_names = ("mu_product",)
 
     @staticmethod
     def check(h):

@@ -51,10 +51,11 @@ __all__ = [
 ]
 
 
-def _apply(rule, h, step, param, grad, states, grad_scale, scalars=None):
+def _apply(rule, h, step, param, grad, states, grad_scale, scalars=None, *, needs_step=True):
     rule.check(h)
-    if step is not None:
-        ck.positive_int("step", step)
+    h = _rules.plain(h)
+    if needs_step:
+        step = ck.positive_int("step", step)
     grad_scale = ck.finite("grad_scale", grad_scale)
     params = ck.array_list("param", param)
     grads = ck.array_list("grad", grad, writeable=False)
@@ -75,6 +76,12 @@ def _apply(rule, h, step, param, grad, states, grad_scale, scalars=None):
     go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"], decoupled=rule.decoupled(h),
                           maximize=h["maximize"], grad_scale=grad_scale, l1=h["l1"])
     rule.run(TensorList(slots), go, h, step, {} if scalars is None else scalars)
+
+
+def _betas(beta1, beta2):
+    """Check ``beta1``, ``beta2`` in [0, 1) under their own names; return the pair."""
+    return (ck.in_range("beta1", beta1, 0.0, 1.0, hi_open=True),
+            ck.in_range("beta2", beta2, 0.0, 1.0, hi_open=True))
 
 
 def sgd_(param, grad, momentum_buffer=None, *, step, lr=1e-3, momentum=0.0, dampening=0.0,
@@ -152,7 +159,7 @@ def rmsprop_(param, grad, square_avg, grad_avg=None, momentum_buffer=None, *, lr
     h = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
              centered=centered, maximize=maximize, l1=l1)
     states = {"square_avg": square_avg, "grad_avg": grad_avg, "momentum_buffer": momentum_buffer}
-    _apply(_rules.RMSPropRule, h, None, param, grad, states, grad_scale)
+    _apply(_rules.RMSPropRule, h, None, param, grad, states, grad_scale, needs_step=False)
 
 
 def adam_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-3, beta1=0.9,
@@ -177,9 +184,9 @@ def adam_(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=1e-
     "Decoupled Weight Decay Regularization", ICLR 2019; Reddi, Kale, Kumar, "On the
     Convergence of Adam and Beyond", ICLR 2018; ``torch.optim.Adam``, ``torch.optim.AdamW``.
     """
-    h = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+    h = dict(lr=lr, betas=_betas(beta1, beta2), eps=eps, weight_decay=weight_decay,
              amsgrad=max_exp_avg_sq is not None, maximize=maximize,
-             decoupled_weight_decay=decoupled, l1=l1)
+             decoupled_weight_decay=ck.boolean("decoupled", decoupled), l1=l1)
     states = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq}
     _apply(_rules.AdamRule, h, step, param, grad, states, grad_scale)
 
@@ -197,8 +204,8 @@ def adamax_(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, beta1=0.9, beta2=0.
     Kingma, Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015, section 7.1;
     ``torch.optim.Adamax``.
     """
-    h = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, maximize=maximize,
-             l1=l1)
+    h = dict(lr=lr, betas=_betas(beta1, beta2), eps=eps, weight_decay=weight_decay,
+             maximize=maximize, l1=l1)
     _apply(_rules.AdaMaxRule, h, step, param, grad, {"exp_avg": exp_avg, "exp_inf": exp_inf},
            grad_scale)
 
@@ -225,8 +232,9 @@ def nadam_(param, grad, exp_avg, exp_avg_sq, *, step, mu_product=1.0, lr=2e-3, b
     Dozat, "Incorporating Nesterov Momentum into Adam", ICLR 2016 workshop;
     ``torch.optim.NAdam``.
     """
-    h = dict(lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
-             momentum_decay=momentum_decay, decoupled_weight_decay=decoupled, maximize=maximize,
+    h = dict(lr=lr, betas=_betas(beta1, beta2), eps=eps, weight_decay=weight_decay,
+             momentum_decay=momentum_decay,
+             decoupled_weight_decay=ck.boolean("decoupled", decoupled), maximize=maximize,
              l1=l1)
     scalars = {"mu_product": ck.in_range("mu_product", mu_product, 0.0, 1.0)}
     _apply(_rules.NAdamRule, h, step, param, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},

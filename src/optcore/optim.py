@@ -160,8 +160,9 @@ def _pairs(arg, name):
         isinstance(p, (list, tuple)) and len(p) == 2 for p in arg
     ):
         raise TypeError(f"{name} must be a list of (param, grad) array pairs")
-    params = ck.array_list(f"{name} params", [p for p, _ in arg])
-    grads = ck.array_list(f"{name} grads", [g for _, g in arg], writeable=False)
+    params = [ck.float32_buffer(f"{name}[{i}][0] (param)", p) for i, (p, _) in enumerate(arg)]
+    grads = [ck.float32_buffer(f"{name}[{i}][1] (grad)", g, writeable=False)
+             for i, (_, g) in enumerate(arg)]
     for i, (p, g) in enumerate(zip(params, grads)):
         if p.shape != g.shape:
             raise ValueError(f"{name}[{i}]: param has shape {p.shape} but grad has shape {g.shape}")
@@ -242,6 +243,10 @@ class Optimizer:
                 seen[f"group {i} param {n}"] = [p]
                 seen[f"group {i} grad {n}"] = [g]
         ck.no_overlap(seen)
+        # zero_grad writes the gradients: remember the first one it may not write
+        self._readonly_grad = next(
+            (f"group {i} grad {n}" for i, (_, names, _, gs) in enumerate(specs)
+             for n, g in zip(names, gs) if not g.flags.writeable), None)
         self.param_groups = []
         self._groups = []
         for h, names, ps, gs in specs:
@@ -262,7 +267,8 @@ class Optimizer:
         if isinstance(params, Parameters):
             specs, used = [], set()
             for i, g in enumerate(groups or ()):
-                if not isinstance(g, dict) or "params" not in g:
+                if (not isinstance(g, dict) or "params" not in g
+                        or not isinstance(g["params"], (list, tuple))):
                     raise TypeError(f"groups[{i}] must be a dict with a 'params' list of names")
                 names = list(g["params"])
                 for n in names:
@@ -365,7 +371,7 @@ class Optimizer:
                         f"param_groups[{i}]['{k}'] changed whether a state buffer is needed; "
                         "create a new optimizer instead"
                     )
-            hypers.append(h)
+            hypers.append(_rules.plain(h))
         return hypers
 
     def step(self, lr=None, scaler=None):
@@ -498,7 +504,13 @@ class Optimizer:
         return out, smallest
 
     def zero_grad(self):
-        """Set every gradient of every group to zero."""
+        """Set every gradient of every group to zero.
+
+        Raises ValueError, writing nothing, when a gradient array was read-only at
+        construction (the optimizer itself only reads gradients).
+        """
+        if self._readonly_grad is not None:
+            raise ValueError(f"zero_grad: {self._readonly_grad} is read-only; zero it yourself")
         if self.parameters is not None:
             self.parameters.zero_grad()
             return
@@ -594,7 +606,7 @@ class Optimizer:
             if sizes.tolist() != [a.size for a in g.params]:
                 raise ValueError(f"{p}sizes is {sizes.tolist()}, expected {[a.size for a in g.params]}")
             hyper = {}
-            for k, default in self.defaults.items():
+            for k, default in self.rule.defaults.items():
                 v = state.get(p + "hyper." + k)
                 if v is None:
                     raise ValueError(f"state lacks {p}hyper.{k}")
@@ -610,15 +622,22 @@ class Optimizer:
                 if a is None:
                     raise ValueError(f"state lacks {p}state.{s}")
                 a = np.asarray(a)
-                if a.shape != arena.flat.shape or a.dtype != np.float32:
+                if a.dtype != np.float32:
+                    raise TypeError(f"{p}state.{s} must have dtype float32, got {a.dtype}")
+                if a.shape != arena.flat.shape:
                     raise ValueError(
-                        f"{p}state.{s} must be float32 of shape {arena.flat.shape}, "
-                        f"got {a.dtype} {a.shape}"
+                        f"{p}state.{s} must have shape {arena.flat.shape}, got {a.shape}"
                     )
                 arrays[s] = a
-            step = ck.in_range(p + "step", np.asarray(state.get(p + "step", -1)).item(), 0)
-            scalars = {k[len(p + "scalar."):]: float(np.asarray(v)) for k, v in state.items()
-                       if k.startswith(p + "scalar.")}
+            step = np.asarray(state.get(p + "step", -1))
+            if step.shape != () or not np.issubdtype(step.dtype, np.integer) or step < 0:
+                raise ValueError(f"{p}step must be an integer >= 0, got {step!r}")
+            scalars = {}
+            for s in self.rule.scalar_names if step > 0 else ():
+                v = state.get(p + "scalar." + s)
+                if v is None:
+                    raise ValueError(f"state lacks {p}scalar.{s}")
+                scalars[s] = ck.in_range(f"{p}scalar.{s}", np.asarray(v).item(), 0.0, 1.0)
             plans.append((g, hyper, arrays, int(step), scalars))
         self.skipped_steps, self._micro, accs = self._check_fused_state(state)
         for g, a in zip(self._groups, accs):

@@ -1,4 +1,5 @@
 """Parameters: named float32 tensors laid out in one flat, 64-byte-aligned arena."""
+import operator
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,7 +20,7 @@ def _shape(name, shape):
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         shape = (shape,)
     try:
-        dims = tuple(int(d) for d in shape)
+        dims = tuple(operator.index(d) for d in shape)
     except TypeError:
         raise TypeError(f"shape of {name!r} must be a tuple of ints, got {shape!r}") from None
     if any(d < 0 for d in dims):
@@ -159,6 +160,8 @@ class Parameters(Arena):
             raise ValueError(f"state has parameters {names}, expected {self.layout.names}")
         values = {}
         for n in self:
+            if f"param.{n}" not in state:
+                raise ValueError(f"state lacks 'param.{n}'")
             v = np.asarray(state[f"param.{n}"])
             if v.shape != self.layout.shapes[n]:
                 raise ValueError(f"state['param.{n}'] has shape {v.shape}, expected {self.layout.shapes[n]}")

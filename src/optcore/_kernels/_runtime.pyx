@@ -20,6 +20,7 @@ cdef extern from "oc_runtime.h" nogil:
     int oc_thread_budget()
     oc_exec oc_exec_begin(int64_t total)
     void oc_exec_end(oc_exec ex)
+    int oc_claimed_now()
 
 
 cdef oc_exec exec_begin(int64_t total) noexcept nogil:
@@ -90,6 +91,11 @@ def set_flush_denormal(enabled):
         return False
     oc_flush_denormal = 1 if enabled else 0
     return True
+
+
+def _claimed_threads():
+    """Threads held by kernels running right now (0 when none runs); for tests."""
+    return int(oc_claimed_now())
 
 
 def get_flush_denormal():

@@ -65,10 +65,20 @@ static inline oc_exec oc_exec_begin(int64_t total) {
     if (!OC_HAVE_OPENMP || total < OC_SERIAL_BELOW || want <= 1) return ex;
     int before = __atomic_fetch_add(&oc_claimed_threads, want, __ATOMIC_ACQ_REL);
     int take = want - before;
-    if (take < 1) take = 1;
+    if (take < 2) {
+        /* Not enough left for a team: run serially on the calling thread and claim nothing,
+         * since exec_end gives back only what a team (nthreads > 1) holds. */
+        __atomic_fetch_sub(&oc_claimed_threads, want, __ATOMIC_ACQ_REL);
+        return ex;
+    }
     __atomic_fetch_sub(&oc_claimed_threads, want - take, __ATOMIC_ACQ_REL);
     ex.nthreads = take;
     return ex;
+}
+
+/* Threads held by kernels running right now (0 when idle); for tests. */
+static inline int oc_claimed_now(void) {
+    return __atomic_load_n(&oc_claimed_threads, __ATOMIC_ACQUIRE);
 }
 
 static inline void oc_exec_end(oc_exec ex) {
