@@ -209,6 +209,7 @@ class OptcoreStepper:
     impl = "optcore"
 
     def __init__(self, name, layout):
+        self.layout = layout
         self.params, self.grads = _arrays(layout)
         cls = getattr(optcore, _OPTCORE_CLASS[name])
         self.opt = cls(list(zip(self.params, self.grads)), **HYPER[name])
@@ -235,6 +236,7 @@ class NumpyStepper:
     _STATES = {"sgd": 1, "adagrad": 1, "rmsprop": 1, "adam": 2, "adamw": 2, "adamax": 2, "nadam": 2}
 
     def __init__(self, name, layout):
+        self.layout = layout
         self.params, self.grads = _arrays(layout)
         k = self._STATES[name]
         self.states = [[np.zeros_like(p) for _ in range(k)] for p in self.params]
@@ -358,6 +360,7 @@ class TorchStepper:
 
         import torch
 
+        self.layout = layout
         self.torch = torch
         arrays, grads = _arrays(layout)
         self.params = [torch.from_numpy(a).requires_grad_() for a in arrays]
