@@ -8,8 +8,10 @@ Two parts, shared by ``optcore bench`` and the pytest-benchmark suite in ``bench
   are the limits a memory-bound kernel of the same pattern can reach on this machine.
 - :func:`run` steps every optimizer on each tensor layout with optcore, with an in-place
   NumPy baseline and with ``torch.optim`` (``fused=True`` where torch has a fused CPU path,
-  else ``foreach=True``) when torch is importable, alternating between them within each
-  repeat, and returns one row per (optimizer, layout, threads).
+  else ``foreach=True``) when torch is importable, alternating between them and the probe
+  sweep of the kernel's access pattern on the same number of elements within each repeat,
+  and returns one row per (optimizer, layout, threads). The fraction of the limit is taken
+  against that interleaved sweep, which sees the same machine load and cache level.
 
 Bytes moved count loads and stores of 4-byte elements: 20 per element for SGD with momentum,
 AdaGrad and RMSProp (param, grad, one state read; param, state written), 28 for Adam, AdamW,
@@ -399,6 +401,28 @@ def make_stepper(impl, name, layout):
     return cls(name, layout)
 
 
+class _ProbeSweep:
+    """Flat arrays of a layout's element count for the probe sweep timed beside the steps."""
+
+    def __init__(self, elements):
+        self.arrays = [aligned_zeros(elements) for _ in range(4)]
+        for x, v in zip(self.arrays, (0.5, 0.25, 0.125, 0.0625)):
+            x.fill(v)
+
+    def stepper(self, pattern):
+        a, b, c, d = self.arrays
+        sweep = _ProbeStep()
+        if pattern == "adam":
+            sweep.step = lambda: _probe.adam_sweep(a, b, c, d, 0.9, 0.999, 1e-3)
+        else:
+            sweep.step = lambda: _probe.sgd_sweep(a, b, c, 0.5, 1e-3)
+        return sweep
+
+
+class _ProbeStep:
+    variant = "probe"
+
+
 def _set_threads(n, torch):
     optcore.set_num_threads(n)
     if torch is not None:
@@ -432,8 +456,12 @@ def run(optimizers=OPTIMIZERS, sizes=("1M", "16M", "resnet50", "1000x1000"), thr
     dict
         ``{"config": optcore.config(), "probe": probe, "torch": version or None,
         "rows": [row, ...]}``; each row has ``kernel, size, elements, tensors, threads,
-        pattern, bytes, optcore_s, optcore_gbps, limit_gbps, of_limit, numpy_s, vs_numpy,
-        torch_s, vs_torch, torch_variant`` (``vs_*`` = their time / optcore's time).
+        pattern, bytes, optcore_s, optcore_gbps, limit_gbps, of_limit, dram_limit_gbps,
+        numpy_s, vs_numpy, torch_s, vs_torch, torch_variant`` (``vs_*`` = their time /
+        optcore's time). ``limit_gbps`` is the probe sweep of the kernel's pattern on flat
+        arrays of the same element count, timed in the same repeats as the steps (so it sees the
+        same load and the same cache level); ``dram_limit_gbps`` is :func:`measure_probe`'s
+        figure on arrays beyond the caches, measured at the start.
     """
     optimizers = list(optimizers)
     for name in optimizers:
@@ -456,13 +484,16 @@ def run(optimizers=OPTIMIZERS, sizes=("1M", "16M", "resnet50", "1000x1000"), thr
     rows = []
     try:
         for layout in layouts:
+            sweep = _ProbeSweep(layout.elements)
             for name in optimizers:
                 impls = ["optcore", "numpy"] + (["torch"] if torch is not None else [])
                 steppers = {i: make_stepper(i, name, layout) for i in impls}
+                pattern = PATTERN[name]
+                steppers["probe"] = sweep.stepper(pattern)
                 for t in threads:
                     say(f"{name} {layout.name} {t} thread{'s' if t > 1 else ''}")
                     _set_threads(t, torch)
-                    best = {i: math.inf for i in impls}
+                    best = {i: math.inf for i in steppers}
                     for s in steppers.values():
                         s.step()
                     for _ in range(int(repeats)):
@@ -470,21 +501,22 @@ def run(optimizers=OPTIMIZERS, sizes=("1M", "16M", "resnet50", "1000x1000"), thr
                             t0 = time.perf_counter()
                             s.step()
                             best[i] = min(best[i], time.perf_counter() - t0)
-                    pattern = PATTERN[name]
                     nbytes = BYTES_PER_ELEMENT[pattern] * layout.elements
                     gbps = nbytes / best["optcore"] / 1e9
-                    limit = probe[pattern][t]
+                    limit = nbytes / best["probe"] / 1e9
                     rows.append({
                         "kernel": name, "size": layout.name, "elements": layout.elements,
                         "tensors": layout.ntensors, "threads": t, "pattern": pattern,
                         "bytes": nbytes, "optcore_s": best["optcore"], "optcore_gbps": gbps,
                         "limit_gbps": limit, "of_limit": gbps / limit,
+                        "dram_limit_gbps": probe[pattern][t],
                         "numpy_s": best["numpy"], "vs_numpy": best["numpy"] / best["optcore"],
                         "torch_s": best.get("torch"),
                         "vs_torch": best["torch"] / best["optcore"] if "torch" in best else None,
                         "torch_variant": steppers["torch"].variant if "torch" in steppers else None,
                     })
                 del steppers
+            del sweep
     finally:
         optcore.set_num_threads(None)
     return {"config": optcore.config(), "probe": probe,
@@ -497,7 +529,7 @@ def format_table(result):
     lines = [f"optcore {cfg['version']} | {cfg['isa']} | OpenMP "
              f"{'yes' if cfg['openmp'] else 'no'} | {cfg['num_procs']} processors | torch "
              f"{result['torch'] or 'not installed'}", "",
-             "probe (GB/s, best of repeats)"]
+             "probe beyond the caches (GB/s, best of repeats, measured first)"]
     probe = result["probe"]
     ts = sorted({t for v in probe.values() for t in v})
     lines.append(f"  {'pattern':<8}{'bytes/el':>9}" + "".join(f"{f'{t} thr':>10}" for t in ts))
@@ -515,6 +547,7 @@ def format_table(result):
                      f"{r['torch_variant'] or '-'}")
     lines.append("")
     lines.append("GB/s counts loads + stores (20 B/element for sgd/adagrad/rmsprop, 28 for the Adam "
-                 "family); % limit is of the probe's sweep of the same pattern at the same threads; "
+                 "family); % limit is of the probe's sweep of the same pattern, element count and threads, "
+                 "timed in the same repeats (the DRAM probe above is measured once, at the start); "
                  "x NumPy / x torch = their step time / optcore's (higher is better).")
     return "\n".join(lines)
