@@ -108,3 +108,32 @@ def test_steppers_step_and_reset(impl, name):
     s.reset()
     for p in params:
         assert (p == 0.5).all()
+
+
+def test_bench_suite_records_bandwidth_in_extra_info(tmp_path):
+    """The bench/ conftest hook adds gbps and the probe's limit to extra_info (smoke sizes)."""
+    pytest.importorskip("pytest_benchmark")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    out = tmp_path / "b.json"
+    env = dict(os.environ, OPTCORE_BENCH_SMOKE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(bench_dir), "-q", "-p", "no:cacheprovider",
+         "-k", "adam-1M-1t-optcore or sgd-1000x1000-2t-numpy", f"--benchmark-json={out}",
+         "--benchmark-min-rounds=1", "--benchmark-max-time=0.01"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "bandwidth (fastest round)" in proc.stdout
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    assert {"adam-1M-1t", "sgd-1000x1000-2t"} <= {b["group"] for b in benchmarks}
+    for b in benchmarks:
+        info = b["extra_info"]
+        assert {"elements", "bytes", "pattern", "threads", "isa"} <= set(info)
+        assert info["elements"] <= 1 << 16
+        assert info["gbps"] == pytest.approx(info["bytes"] / b["stats"]["min"] / 1e9)
+        assert info["limit_gbps"] > 0
+        assert info["of_limit"] == pytest.approx(info["gbps"] / info["limit_gbps"])
