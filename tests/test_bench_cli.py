@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import optcore
 from optcore import bench
 from optcore.cli import main
 
@@ -43,6 +44,8 @@ def test_bench_without_torch(capsys):
     out = capsys.readouterr().out
     assert "torch not installed" in out
     assert out.count("\nadam ") == 2
+    n = optcore.get_num_threads()
+    assert "1 thr" in out and f"{n} thr" in out  # the probe always runs at 1 and N threads
 
 
 @pytest.mark.parametrize("args, message", [

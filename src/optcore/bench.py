@@ -445,7 +445,7 @@ def run(optimizers=OPTIMIZERS, sizes=("1M", "16M", "resnet50", "1000x1000"), thr
         Timed steps per implementation after one warm-up step, alternating between the
         implementations; the fastest counts.
     probe : dict, optional
-        A :func:`measure_probe` result covering ``threads``; measured when None.
+        A :func:`measure_probe` result covering 1, N and ``threads``; measured when None.
     use_torch : bool
         Compare with torch when it is importable.
     progress : callable, optional
@@ -478,9 +478,10 @@ def run(optimizers=OPTIMIZERS, sizes=("1M", "16M", "resnet50", "1000x1000"), thr
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     torch = torch_available() if use_torch else None
     say = progress or (lambda msg: None)
-    if probe is None or any(t not in probe["adam"] for t in threads):
+    probe_threads = sorted({1, optcore.get_num_threads(), *threads})
+    if probe is None or any(t not in probe["adam"] for t in probe_threads):
         say("probe")
-        probe = measure_probe(probe_elements, threads, repeats)
+        probe = measure_probe(probe_elements, probe_threads, repeats)
     rows = []
     try:
         for layout in layouts:
