@@ -411,16 +411,18 @@ class _ProbeSweep:
 
     def stepper(self, pattern):
         a, b, c, d = self.arrays
-        sweep = _ProbeStep()
         if pattern == "adam":
-            sweep.step = lambda: _probe.adam_sweep(a, b, c, d, 0.9, 0.999, 1e-3)
-        else:
-            sweep.step = lambda: _probe.sgd_sweep(a, b, c, 0.5, 1e-3)
-        return sweep
+            return _Sweep(lambda: _probe.adam_sweep(a, b, c, d, 0.9, 0.999, 1e-3))
+        return _Sweep(lambda: _probe.sgd_sweep(a, b, c, 0.5, 1e-3))
 
 
-class _ProbeStep:
+class _Sweep:
+    """A probe sweep with the stepper interface (``step``, ``variant``)."""
+
     variant = "probe"
+
+    def __init__(self, fn):
+        self.step = fn
 
 
 def _set_threads(n, torch):
