@@ -17,7 +17,7 @@ def test_bench_quick_table_and_json(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in bench.OPTIMIZERS:
         assert out.count(f"\n{name} ") == 4  # 2 layouts x 2 thread counts
-    for col in ("kernel", "size", "threads", "GB/s", "% limit", "x NumPy", "x torch"):
+    for col in ("kernel", "size", "threads", "GB/s", "% limit", "x NumPy", "x torch", "x 1 thr"):
         assert col in out
     for pattern in bench.PATTERNS:
         assert f"\n  {pattern} " in out
@@ -33,6 +33,7 @@ def test_bench_quick_table_and_json(tmp_path, capsys):
         assert r["bytes"] == bench.BYTES_PER_ELEMENT[r["pattern"]] * r["elements"]
         assert r["optcore_gbps"] > 0 and r["vs_numpy"] > 0 and r["of_limit"] > 0
         assert r["optcore_gbps"] == pytest.approx(r["bytes"] / r["optcore_s"] / 1e9)
+        assert (r["vs_1_thread"] is None) == (r["threads"] == 1)
         if data["torch"] is not None:
             assert r["vs_torch"] > 0
             fused = r["kernel"] in ("sgd", "adagrad", "adam", "adamw")

@@ -459,8 +459,9 @@ def run(optimizers=OPTIMIZERS, sizes=("1M", "16M", "resnet50", "1000x1000"), thr
         ``{"config": optcore.config(), "probe": probe, "torch": version or None,
         "rows": [row, ...]}``; each row has ``kernel, size, elements, tensors, threads,
         pattern, bytes, optcore_s, optcore_gbps, limit_gbps, of_limit, dram_limit_gbps,
-        numpy_s, vs_numpy, torch_s, vs_torch, torch_variant`` (``vs_*`` = their time /
-        optcore's time). ``limit_gbps`` is the probe sweep of the kernel's pattern on flat
+        numpy_s, vs_numpy, torch_s, vs_torch, torch_variant, vs_1_thread`` (``vs_*`` = their
+        time / optcore's time; ``vs_1_thread`` = optcore's time at 1 thread / at this count,
+        when 1 thread was measured first). ``limit_gbps`` is the probe sweep of the kernel's pattern on flat
         arrays of the same element count, timed in the same repeats as the steps (so it sees the
         same load and the same cache level); ``dram_limit_gbps`` is :func:`measure_probe`'s
         figure on arrays beyond the caches, measured at the start.
@@ -493,6 +494,7 @@ def run(optimizers=OPTIMIZERS, sizes=("1M", "16M", "resnet50", "1000x1000"), thr
                 steppers = {i: make_stepper(i, name, layout) for i in impls}
                 pattern = PATTERN[name]
                 steppers["probe"] = sweep.stepper(pattern)
+                one_thread = None
                 for t in threads:
                     say(f"{name} {layout.name} {t} thread{'s' if t > 1 else ''}")
                     _set_threads(t, torch)
@@ -517,7 +519,10 @@ def run(optimizers=OPTIMIZERS, sizes=("1M", "16M", "resnet50", "1000x1000"), thr
                         "torch_s": best.get("torch"),
                         "vs_torch": best["torch"] / best["optcore"] if "torch" in best else None,
                         "torch_variant": steppers["torch"].variant if "torch" in steppers else None,
+                        "vs_1_thread": one_thread / best["optcore"] if one_thread else None,
                     })
+                    if t == 1:
+                        one_thread = best["optcore"]
                 del steppers
             del sweep
     finally:
@@ -541,16 +546,18 @@ def format_table(result):
                      + "".join(f"{v[t]:>10.1f}" if t in v else f"{'-':>10}" for t in ts))
     lines.append("")
     head = (f"{'kernel':<9}{'size':<16}{'threads':>7}{'GB/s':>8}{'% limit':>9}"
-            f"{'x NumPy':>9}{'x torch':>9}  torch path")
+            f"{'x NumPy':>9}{'x torch':>9}{'x 1 thr':>9}  torch path")
     lines += [head, "-" * len(head)]
     for r in result["rows"]:
         vt = f"{r['vs_torch']:>9.2f}" if r["vs_torch"] is not None else f"{'-':>9}"
+        v1 = f"{r['vs_1_thread']:>9.2f}" if r.get("vs_1_thread") else f"{'-':>9}"
         lines.append(f"{r['kernel']:<9}{r['size']:<16}{r['threads']:>7}{r['optcore_gbps']:>8.1f}"
-                     f"{100 * r['of_limit']:>8.0f}%{r['vs_numpy']:>9.2f}{vt}  "
+                     f"{100 * r['of_limit']:>8.0f}%{r['vs_numpy']:>9.2f}{vt}{v1}  "
                      f"{r['torch_variant'] or '-'}")
     lines.append("")
     lines.append("GB/s counts loads + stores (20 B/element for sgd/adagrad/rmsprop, 28 for the Adam "
                  "family); % limit is of the probe's sweep of the same pattern, element count and threads, "
                  "timed in the same repeats (the DRAM probe above is measured once, at the start); "
-                 "x NumPy / x torch = their step time / optcore's (higher is better).")
+                 "x NumPy / x torch = their step time / optcore's (higher is better); x 1 thr = "
+                 "optcore's 1-thread time / its time at this thread count.")
     return "\n".join(lines)
