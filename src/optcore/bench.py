@@ -11,7 +11,9 @@ Two parts, shared by ``optcore bench`` and the pytest-benchmark suite in ``bench
   else ``foreach=True``) when torch is importable, alternating between them and the probe
   sweep of the kernel's access pattern on the same number of elements within each repeat,
   and returns one row per (optimizer, layout, threads). The fraction of the limit is taken
-  against that interleaved sweep, which sees the same machine load and cache level.
+  against that interleaved sweep, which sees the same machine load. (At sizes that fit in the
+  caches, each implementation starts from caches the others have partly evicted; beyond the
+  caches, from 16M elements, this does not matter.)
 
 Bytes moved count loads and stores of 4-byte elements: 20 per element for SGD with momentum,
 AdaGrad and RMSProp (param, grad, one state read; param, state written), 28 for Adam, AdamW,
@@ -463,7 +465,7 @@ def run(optimizers=OPTIMIZERS, sizes=("1M", "16M", "resnet50", "1000x1000"), thr
         time / optcore's time; ``vs_1_thread`` = optcore's time at 1 thread / at this count,
         when 1 thread was measured first). ``limit_gbps`` is the probe sweep of the kernel's pattern on flat
         arrays of the same element count, timed in the same repeats as the steps (so it sees the
-        same load and the same cache level); ``dram_limit_gbps`` is :func:`measure_probe`'s
+        same machine load); ``dram_limit_gbps`` is :func:`measure_probe`'s
         figure on arrays beyond the caches, measured at the start.
     """
     optimizers = list(optimizers)
