@@ -10,20 +10,131 @@ def _info(args):
     return 0
 
 
+def _list(text, item, what):
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"{what} must be a comma-separated list, got {text!r}")
+    return [item(v) for v in values]
+
+
+def _threads(text):
+    def one(v):
+        if not v.isdigit() or int(v) < 1:
+            raise argparse.ArgumentTypeError(f"threads must be positive integers, got {v!r}")
+        return int(v)
+
+    return _list(text, one, "threads")
+
+
+def _sizes(text):
+    from optcore.bench import parse_size
+
+    def one(v):
+        try:
+            return parse_size(v)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return _list(text, one, "sizes")
+
+
+def _optimizers(text):
+    from optcore.bench import OPTIMIZERS
+
+    def one(v):
+        if v.lower() not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(
+                f"unknown optimizer {v!r}; choose from {', '.join(OPTIMIZERS)}")
+        return v.lower()
+
+    return _list(text, one, "optimizers")
+
+
+def _positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _bench(args):
+    import json
+
+    from optcore import bench
+
+    quick = args.quick
+    sizes = args.sizes or [bench.parse_size(s) for s in (
+        ("1M", "1000x1000") if quick else ("1M", "16M", "resnet50", "1000x1000", "flat:1000x1000"))]
+    threads = args.threads
+    if threads is None:
+        from optcore import get_num_threads
+
+        n = get_num_threads()
+        threads = [n] if quick else sorted({1, n})
+    repeats = args.repeats or (3 if quick else 5)
+    optimizers = args.optimizers or list(bench.OPTIMIZERS)
+    if args.json:
+        open(args.json, "a").close()  # fail now, not after the measures, if it cannot be written
+
+    def progress(msg):
+        if not args.no_progress:
+            print(f"  measuring {msg} ...", file=sys.stderr, flush=True)
+
+    result = bench.run(optimizers=optimizers, sizes=sizes, threads=threads, repeats=repeats,
+                       probe_elements=args.probe_elements or ((1 << 23) if quick else (1 << 24)),
+                       use_torch=not args.no_torch, progress=progress)
+    print(bench.format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (``optcore: error: ...``) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"optcore: error: {message}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="optcore", description="Fused CPU optimizer kernels.")
+    parser = _Parser(prog="optcore", description="Fused CPU optimizer kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="print the version, OpenMP runtime, threads and instruction set")
     p.set_defaults(func=_info)
+    p = sub.add_parser(
+        "bench", help="measure the kernels against the machine's bandwidth, NumPy and torch",
+        description="Measure the memory bandwidth with a roofline probe, then step each optimizer "
+                    "with optcore, an in-place NumPy baseline and torch.optim (fused where torch "
+                    "has it, else foreach), and print GB/s, %% of the probe's limit and speed-ups.")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, the default thread count only, 3 repeats (seconds)")
+    p.add_argument("--threads", type=_threads, metavar="N[,N...]",
+                   help="thread counts (default: 1 and all; --quick: all)")
+    p.add_argument("--sizes", type=_sizes, metavar="SIZE[,SIZE...]",
+                   help="layouts: 16M (one tensor), 1000x1000 (1000 tensors of 1000), resnet50, "
+                        "flat:1000x1000 (same elements, one buffer); k/M/G are powers of 1024")
+    p.add_argument("--optimizers", type=_optimizers, metavar="NAME[,NAME...]",
+                   help="subset of sgd,adagrad,rmsprop,adam,adamw,adamax,nadam (default: all)")
+    p.add_argument("--repeats", type=_positive, metavar="R", help="timed steps, best counts")
+    p.add_argument("--probe-elements", type=_positive, metavar="N",
+                   help="elements per probe array (default 16M; --quick 8M)")
+    p.add_argument("--no-torch", action="store_true", help="skip torch even when installed")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--json", metavar="FILE", help="also write the probe and rows as JSON")
+    p.set_defaults(func=_bench)
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code
     try:
         return args.func(args)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError) as exc:
         print(f"optcore: error: {exc}", file=sys.stderr)
         return 2
 
