@@ -83,12 +83,8 @@ def info(benchmark, arrays, bytes_per_element, pattern):
 
 
 def run(benchmark, fn, *args, **kwargs):
-    """Benchmark ``fn`` and record GB/s (bytes moved / best time) in ``extra_info``."""
-    out = benchmark(fn, *args, **kwargs)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and stats.stats.min > 0:
-        benchmark.extra_info["GB/s"] = benchmark.extra_info["bytes"] / stats.stats.min / 1e9
-    return out
+    """Benchmark ``fn``; bench/conftest.py turns ``extra_info['bytes']`` into GB/s."""
+    return benchmark(fn, *args, **kwargs)
 
 
 # ---- global norm -------------------------------------------------------------------------
