@@ -230,6 +230,7 @@ oc_nadam_tile(const oc_nadam_h *h, const float *OC_RESTRICT g, float *OC_RESTRIC
         float *p = oc_slot(L, 0, c), *s1 = oc_slot(L, 3, c);                                 \
         float *s2 = oc_slot(L, 4, c), *s3 = oc_slot(L, 5, c);                                \
         const float *gr = oc_slot(L, 1, c), *acc = oc_slot(L, 2, c);                         \
+        oc_prefetch_next(L, c);                                                              \
         for (int64_t i = 0; i < n; i += OC_TILE) {                                           \
             const int64_t m = n - i < OC_TILE ? n - i : OC_TILE;                             \
             const float *g = oc_grad_tile(gbuf, gr + i, acc ? acc + i : NULL, p + i, m, s, o); \
