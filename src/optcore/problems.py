@@ -705,9 +705,8 @@ class MLP(_DataProblem):
         g["W2"] += a * p["W2"]
         np.sum(dZ, axis=0, out=g["b2"])
         dY = (dZ @ p["W2"].T) * (1 - A * A)
-        dH, dgamma, dbeta = batchnorm_backward(dY, H, p["gamma"], mean, invstd)
-        g["gamma"][...] = dgamma
-        g["beta"][...] = dbeta
+        dH = batchnorm_backward(dY, H, p["gamma"], mean, invstd,
+                                dgamma=g["gamma"], dbeta=g["beta"])[0]
         np.matmul(X.T, dH, out=g["W1"])
         g["W1"] += a * p["W1"]
         w1, w2 = p["W1"].ravel(), p["W2"].ravel()
