@@ -6,7 +6,7 @@ from optcore._kernels._runtime import (
     set_flush_denormal,
     set_num_threads,
 )
-from optcore import kernels
+from optcore import clip, kernels, scaling
 from optcore.optim import (
     SGD,
     AdaGrad,
@@ -19,8 +19,10 @@ from optcore.optim import (
     Optimizer,
     RMSProp,
     RMSprop,
+    StepResult,
 )
 from optcore.params import Parameters
+from optcore.scaling import GradScaler
 
 __version__ = "0.1.0"
 
@@ -37,7 +39,11 @@ __all__ = [
     "AdaMax",
     "Adamax",
     "NAdam",
+    "StepResult",
+    "GradScaler",
     "kernels",
+    "clip",
+    "scaling",
     "config",
     "show_config",
     "set_num_threads",

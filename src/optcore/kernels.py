@@ -9,18 +9,33 @@ written: a rejected call changes nothing.
 
 The formulas are those documented by ``torch.optim``; scalars that depend on the step are
 computed in float64.
+
+The norm and clipping kernels (``global_norm``, ``tensor_norms``, ``clip_by_global_norm_``,
+``clip_by_norm_``, ``clip_by_value_``, ``adaptive_clip_``) are those of :mod:`optcore.clip`,
+re-exported here; :func:`accumulate_` is the gradient-accumulation pass.
 """
 import numpy as np
 
 from optcore import _checks as ck
 from optcore import _rules
 from optcore._kernels import _batchnorm as _bn
+from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
+from optcore.clip import (
+    adaptive_clip_,
+    clip_by_global_norm_,
+    clip_by_norm_,
+    clip_by_value_,
+    global_norm,
+    tensor_norms,
+)
 
 __all__ = [
     "sgd_", "adagrad_", "rmsprop_", "adam_", "adamax_", "nadam_",
     "batchnorm_forward", "batchnorm_inference", "batchnorm_backward",
     "batchnorm_inference_backward",
+    "global_norm", "tensor_norms", "clip_by_global_norm_", "clip_by_norm_",
+    "clip_by_value_", "adaptive_clip_", "accumulate_",
 ]
 
 
@@ -604,3 +619,30 @@ def batchnorm_inference_backward(dy, x, gamma, running_mean, running_var, *, eps
         dgamma[...] = sum_dy_xmu * invstd
         dbeta[...] = sum_dy
     return dx, dgamma, dbeta
+def accumulate_(acc, grad, *, first=False):
+    r"""Gradient accumulation in place, in one pass: ``acc += grad`` (``acc = grad`` when
+    ``first``).
+
+    .. math::
+        a \leftarrow \begin{cases} g & \text{first} \\ a + g & \text{otherwise} \end{cases}
+
+    Parameters
+    ----------
+    acc : ndarray or list of ndarray
+        float32 C-contiguous accumulators, updated in place.
+    grad : ndarray or list of ndarray
+        The micro-batch gradients (read only), same sizes.
+    first : bool
+        Overwrite instead of adding (the first micro-batch of a window), so the accumulator
+        never needs zeroing.
+
+    References
+    ----------
+    ``optax.MultiSteps``; Keras ``gradient_accumulation_steps``.
+    """
+    ck.boolean("first", first)
+    accs = ck.array_list("acc", acc)
+    grads = ck.array_list("grad", grad, writeable=False)
+    ck.same_sizes("acc", accs, "grad", grads)
+    ck.no_overlap({"acc": accs, "grad": grads})
+    _norms.accumulate(TensorList([accs, grads]), 1, 0, first)

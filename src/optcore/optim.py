@@ -4,18 +4,60 @@ Names, defaults and update rules follow ``torch.optim``. One ``step()`` is one f
 call per parameter group: every state buffer is read and written once, nothing the size of
 the parameters is allocated, and Python does work proportional to the number of groups only.
 """
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 from optcore import _checks as ck
 from optcore import _rules
-from optcore._kernels import _optim
+from optcore import clip as _clip
+from optcore._kernels import _norms, _optim
 from optcore._kernels._runtime import TensorList
 from optcore.params import Arena, Layout, Parameters
+from optcore.scaling import GradScaler
 
-__all__ = ["Optimizer", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaMax", "NAdam"]
+__all__ = ["Optimizer", "StepResult", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaMax", "NAdam"]
 
 # Hyper-parameters that decide which state buffers exist; fixed after construction.
 _STRUCTURAL = ("momentum", "centered", "amsgrad")
+
+_NONFINITE = ("propagate", "skip", "raise")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one :meth:`Optimizer.step` did.
+
+    Attributes
+    ----------
+    grad_norm : float or None
+        Global norm (of the clip policy's ``norm_type``, else L2) of the gradient the update
+        used -- after unscaling by the loss scale and averaging over accumulated
+        micro-batches, before clipping -- when the step ran a norm pass (clipping by norm,
+        a scaler, or ``nonfinite`` other than ``"propagate"``); None otherwise, and on
+        micro-steps.
+    clip_factor : float
+        The factor clipping applied to the gradient: the global factor for ``GlobalNorm``,
+        the smallest per-tensor (per-unit) factor for ``PerTensorNorm`` (``Adaptive``);
+        1.0 when nothing was scaled (no clipping, ``Value``, micro-steps, skipped steps).
+    skipped : bool
+        True when the step was skipped because the gradient held a NaN or inf
+        (``nonfinite="skip"``, or a scaler found an overflow): nothing changed.
+    loss_scale : float or None
+        The scaler's scale the gradients of this step were multiplied by (before the scaler
+        adjusted it), or None without an enabled scaler.
+    applied : bool
+        True when the parameters were updated; False on skipped steps and on the first
+        ``accumulate - 1`` calls of a window (micro-steps), which only add the gradient to
+        the accumulation buffer.
+    """
+
+    grad_norm: object
+    clip_factor: float
+    skipped: bool
+    loss_scale: object
+    applied: bool
 
 
 class _Group:
@@ -40,6 +82,77 @@ class _Group:
         slots = [params, grads, None]
         slots += [None if s is None else [self.state[s][n] for n in names] for s in self.state_names]
         self.table = TensorList(slots)
+        self.acc = None
+        self.units = None
+        self.unit_tensor = None
+
+    def enable_accumulation(self):
+        """Give the group a gradient accumulator, read by the update kernel as slot 2."""
+        self.acc = Arena(self.layout)
+        self.table.set_slot(2, [self.acc[n] for n in self.names])
+
+    def enable_units(self):
+        """A second table over the same buffers whose entries are the units of adaptive
+        clipping (the rows along axis 0 of every tensor; a 0-d/1-d tensor is one unit), so
+        that per-unit factors ride on the update kernel's per-tensor scale."""
+        def rows(arrays):
+            return [r for a in arrays for r in _unit_rows(a)]
+
+        slots = [rows(self.params), rows(self.grads),
+                 None if self.acc is None else rows([self.acc[n] for n in self.names])]
+        slots += [None if s is None else rows([self.state[s][n] for n in self.names])
+                  for s in self.state_names]
+        self.units = TensorList(slots)
+        counts = [len(_unit_rows(a)) for a in self.params]
+        self.unit_tensor = np.repeat(np.arange(len(self.params), dtype=np.int64), counts)
+
+    def sums(self, acc_slot):
+        """Norm pass over the gradient (+ accumulator): per-tensor sums of squares and max-abs,
+        and per-unit sums of squares when the group has a unit table."""
+        if self.units is None:
+            tsq, tmax = _norms.sumsq(self.table, 1, acc_slot)
+            return tsq, tmax, None
+        usq, umax = _norms.sumsq(self.units, 1, acc_slot)
+        n = len(self.params)
+        tsq = np.bincount(self.unit_tensor, weights=usq, minlength=n).astype(np.float64)
+        tmax = np.zeros(n)
+        np.maximum.at(tmax, self.unit_tensor, umax)
+        return tsq, tmax, usq
+
+
+def _unit_rows(a):
+    """The units of one tensor as 1-d views: rows along axis 0, or the whole 0-d/1-d tensor."""
+    if a.ndim >= 2:
+        return list(a.reshape(a.shape[0], -1))
+    return [a.reshape(-1)]
+
+
+def _fused_options(clip, nonfinite, accumulate):
+    """Check ``clip``, ``nonfinite`` and ``accumulate`` together, at construction."""
+    if isinstance(clip, (list, tuple)):
+        raise ValueError(
+            f"clip takes one policy, got {len(clip)}: combining clipping policies is ambiguous "
+            "(which one first?); clip by one, or clip explicitly with optcore.clip"
+        )
+    if clip is not None and not isinstance(clip, _clip.ClipPolicy):
+        raise TypeError(
+            "clip must be None or an optcore.clip policy (GlobalNorm, PerTensorNorm, Value, "
+            f"Adaptive), got {type(clip).__name__}"
+        )
+    if not isinstance(nonfinite, str):
+        raise TypeError(f"nonfinite must be a str, got {type(nonfinite).__name__}")
+    if nonfinite not in _NONFINITE:
+        raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
+    accumulate = ck.positive_int("accumulate", accumulate)
+    return clip, nonfinite, accumulate
+
+
+def _scaler_arg(scaler):
+    if scaler is None:
+        return None
+    if not isinstance(scaler, GradScaler):
+        raise TypeError(f"scaler must be an optcore.scaling.GradScaler, got {type(scaler).__name__}")
+    return scaler if scaler.is_enabled() else None
 
 
 def _pairs(arg, name):
@@ -56,7 +169,7 @@ def _pairs(arg, name):
 
 
 class Optimizer:
-    """Base class: parameter groups, ``step``, ``zero_grad``, ``state_dict``.
+    r"""Base class: parameter groups, ``step``, ``zero_grad``, ``state_dict``.
 
     Parameters
     ----------
@@ -68,6 +181,20 @@ class Optimizer:
         With a ``Parameters`` arena only: groups ``{"params": [names], <hyper>: value}``
         overriding the defaults (e.g. no weight decay on biases). Names not listed form a last
         group with the defaults.
+    clip : ClipPolicy, optional
+        ``optcore.clip.GlobalNorm(max_norm)``, ``PerTensorNorm(max_norm)``, ``Value(limit)``
+        or ``Adaptive(clipping, eps)``: clip the gradient inside :meth:`step` (over all groups
+        together for ``GlobalNorm``), without rewriting the gradient buffer.
+    nonfinite : {"propagate", "skip", "raise"}
+        What :meth:`step` does with a gradient holding a NaN or inf: update anyway (torch's
+        behaviour), skip the step leaving everything unchanged and count it in
+        ``skipped_steps`` (optax's ``apply_if_finite``), or raise FloatingPointError naming
+        the first such tensor, leaving everything unchanged.
+    accumulate : int
+        Gradient accumulation over ``k`` micro-batches (optax ``MultiSteps``, Keras
+        ``gradient_accumulation_steps``): the first ``k - 1`` calls of :meth:`step` add the
+        gradient into an accumulation buffer; the ``k``-th updates with the mean
+        :math:`(\sum_j g_j) / k`, read on the fly.
     **hyper
         The rule's hyper-parameters (same names and defaults as ``torch.optim``).
 
@@ -82,10 +209,14 @@ class Optimizer:
 
     rule = _rules.Rule
 
-    def __init__(self, params, groups=None, **hyper):
+    def __init__(self, params, groups=None, *, clip=None, nonfinite="propagate", accumulate=1,
+                 **hyper):
         unknown = set(hyper) - set(self.rule.defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected hyper-parameters {sorted(unknown)}")
+        self.clip, self.nonfinite, self.accumulate = _fused_options(clip, nonfinite, accumulate)
+        self.skipped_steps = 0
+        self._micro = 0
         self.defaults = dict(self.rule.defaults, **hyper)
         self.rule.check(self.defaults)
         self.parameters = params if isinstance(params, Parameters) else None
@@ -103,6 +234,11 @@ class Optimizer:
             self.rule.check(hyper_g)
             self.param_groups.append(dict(hyper_g, params=list(names)))
             self._groups.append(_Group(self.rule, hyper_g, names, ps, gs))
+        for g in self._groups:
+            if self.accumulate > 1:
+                g.enable_accumulation()
+            if isinstance(self.clip, _clip.Adaptive):
+                g.enable_units()
 
     def _group_specs(self, params, groups):
         """Return [(overrides, names, params, grads)] for every group."""
@@ -163,23 +299,126 @@ class Optimizer:
             hypers.append(h)
         return hypers
 
-    def step(self, lr=None):
-        """Apply one update to every parameter group.
+    def step(self, lr=None, scaler=None):
+        """Apply one update to every parameter group (or one micro-step of accumulation).
+
+        At most two sweeps over memory: a read-only norm pass over the gradient (only when
+        clipping by norm, a scaler or a finite check is on), then the fused update, with the
+        clip factor, the loss unscaling and the accumulation mean applied on the fly. The
+        gradient buffers are never rewritten. ``Adaptive`` clipping reads the weights in one
+        more pass (their unit-wise norms).
 
         Parameters
         ----------
         lr : float, optional
             Learning rate for this step and the following ones (stored in every group), e.g.
             from a schedule: ``opt.step(lr=sched(t))``.
+        scaler : optcore.scaling.GradScaler, optional
+            The gradients are those of ``scaler.scale(loss)``: they are unscaled on the fly;
+            a NaN or inf skips the step (nothing changes, ``skipped_steps`` counts it)
+            whatever ``nonfinite`` says, and the scaler backs off or grows (its ``update``).
+
+        Returns
+        -------
+        StepResult
+            ``grad_norm``, ``clip_factor``, ``skipped``, ``loss_scale``, ``applied``.
+
+        Raises
+        ------
+        FloatingPointError
+            With ``nonfinite="raise"``, naming the first tensor holding a NaN or inf; nothing
+            is changed.
         """
         hypers = self._checked_hyper(lr)
-        for h, g, pg in zip(hypers, self._groups, self.param_groups):
+        scaler = _scaler_arg(scaler)
+        loss_scale = scaler.get_scale() if scaler is not None else None
+        k = self.accumulate
+        if self._micro < k - 1:
+            for g in self._groups:
+                _norms.accumulate(g.table, 1, 2, self._micro == 0)
+            self._micro += 1
+            self._store_lr(hypers)
+            return StepResult(None, 1.0, False, loss_scale, False)
+        acc_slot = 2 if k > 1 else -1
+        mult = 1.0 / k if scaler is None else 1.0 / (k * loss_scale)
+        clip = self.clip
+        norm_type = getattr(clip, "norm_type", 2.0)
+        grad_norm = None
+        if scaler is not None or self.nonfinite != "propagate" or isinstance(
+            clip, (_clip.GlobalNorm, _clip.PerTensorNorm, _clip.Adaptive)
+        ):
+            sums = [g.sums(acc_slot) for g in self._groups]
+            tsq = np.concatenate([s[0] for s in sums])
+            tmax = np.concatenate([s[1] for s in sums])
+            if not math.isfinite(float(np.sum(tsq))):
+                if scaler is not None or self.nonfinite == "skip":
+                    self.skipped_steps += 1
+                    self._micro = 0
+                    if scaler is not None:
+                        scaler.update(True)
+                    return StepResult(None, 1.0, True, loss_scale, False)
+                if self.nonfinite == "raise":
+                    self._raise_nonfinite(tsq)
+            grad_norm = _clip.combine(tsq, tmax, norm_type) * mult
+        clip_factor = 1.0
+        scale, tensor_scale, clamp = mult, [None] * len(self._groups), math.inf
+        if isinstance(clip, _clip.GlobalNorm):
+            clip_factor = _clip.factor(grad_norm, clip.max_norm)
+            scale = mult * clip_factor
+        elif isinstance(clip, _clip.PerTensorNorm):
+            tensor_scale, clip_factor = self._per_tensor_factors(sums, mult, clip)
+        elif isinstance(clip, _clip.Value):
+            clamp = clip.limit
+        elif isinstance(clip, _clip.Adaptive):
+            tensor_scale, clip_factor = self._unit_factors(sums, mult, clip)
+        for h, g, ts in zip(hypers, self._groups, tensor_scale):
             go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
                                   decoupled=self.rule.decoupled(h), maximize=h["maximize"],
-                                  grad_scale=1.0)
-            self.rule.run(g.table, go, h, g.step + 1, g.scalars)
+                                  grad_scale=scale, tensor_scale=ts, clamp=clamp)
+            self.rule.run(g.table if g.units is None else g.units, go, h, g.step + 1, g.scalars)
             g.step += 1
+        self._store_lr(hypers)
+        self._micro = 0
+        if scaler is not None:
+            scaler.update(False)
+        return StepResult(grad_norm, clip_factor, False, loss_scale, True)
+
+    def _store_lr(self, hypers):
+        for h, pg in zip(hypers, self.param_groups):
             pg["lr"] = h["lr"]
+
+    def _raise_nonfinite(self, tsq):
+        i = _clip.first_nonfinite(tsq)
+        for gi, g in enumerate(self._groups):
+            if i < len(g.names):
+                raise FloatingPointError(
+                    f"gradient of param_groups[{gi}] tensor {g.names[i]!r} has a non-finite "
+                    "value (NaN or inf); nothing was changed"
+                )
+            i -= len(g.names)
+
+    def _per_tensor_factors(self, sums, mult, clip):
+        out, smallest = [], 1.0
+        for tsq, tmax, _ in sums:
+            norms = (np.sqrt(tsq) if clip.norm_type == 2.0 else tmax) * mult
+            f = clip.max_norm / (norms + _clip.EPS)
+            f = np.where(f >= 1.0, 1.0, f)
+            if f.size:
+                smallest = min(smallest, float(np.min(f)))
+            out.append(np.ascontiguousarray(f, dtype=np.float32))
+        return out, smallest
+
+    def _unit_factors(self, sums, mult, clip):
+        """AGC factors of every unit, from the unit-wise norms of the weights (one read) and of
+        the (unscaled, averaged) gradient from the norm pass."""
+        out, smallest = [], 1.0
+        for g, (_, _, usq) in zip(self._groups, sums):
+            psq, _ = _norms.sumsq(g.units, 0)
+            f = _clip._agc_factors(np.sqrt(psq), np.sqrt(usq) * mult, clip.clipping, clip.eps)
+            if f.size:
+                smallest = min(smallest, float(np.min(f)))
+            out.append(f)
+        return out, smallest
 
     def zero_grad(self):
         """Set every gradient of every group to zero."""

@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 
-from libc.stdint cimport int64_t, uintptr_t
+from cpython.buffer cimport PyBUF_ANY_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
 
 cdef extern from "oc_runtime.h" nogil:
     int oc_openmp_enabled()
@@ -119,8 +120,7 @@ cdef class TensorList:
     """
 
     def __init__(self, slots):
-        cdef Py_ssize_t s, t, nslots = len(slots)
-        cdef int64_t n, start, k
+        cdef Py_ssize_t s, nslots = len(slots)
         if nslots > OC_MAX_SLOTS:
             raise ValueError(f"at most {OC_MAX_SLOTS} slots, got {nslots}")
         first = slots[0]
@@ -130,15 +130,9 @@ cdef class TensorList:
         self.total = int(lengths.sum()) if self.ntensors else 0
         nchunks_per = (lengths + (OC_CHUNK - 1)) // OC_CHUNK
         chunk_tensor = np.repeat(np.arange(self.ntensors, dtype=np.int64), nchunks_per)
-        chunk_start = np.empty(chunk_tensor.size, dtype=np.int64)
-        k = 0
-        for t in range(self.ntensors):
-            n = lengths[t]
-            start = 0
-            while start < n:
-                chunk_start[k] = start
-                start += OC_CHUNK
-                k += 1
+        first_chunk = np.cumsum(nchunks_per) - nchunks_per
+        chunk_start = (np.arange(chunk_tensor.size, dtype=np.int64)
+                       - np.repeat(first_chunk, nchunks_per)) * OC_CHUNK
         self._chunk_tensor = chunk_tensor
         self._chunk_start = chunk_start
         self._refs = [list(x) if x is not None else None for x in slots]
@@ -158,7 +152,16 @@ cdef class TensorList:
         if arrays is None:
             self.c.slots[s] = NULL
             return
-        table = np.array([a.ctypes.data for a in arrays] or [0], dtype=np.uint64)
+        # The buffer protocol gives each address in ~0.1 us (ndarray.ctypes.data takes ~3 us,
+        # which dominated building a table of 1000 small tensors).
+        cdef Py_ssize_t i, n = len(arrays)
+        cdef Py_buffer view
+        table = np.zeros(max(n, 1), dtype=np.uint64)
+        cdef uint64_t[::1] tv = table
+        for i in range(n):
+            PyObject_GetBuffer(arrays[i], &view, PyBUF_ANY_CONTIGUOUS)
+            tv[i] = <uint64_t> <uintptr_t> view.buf
+            PyBuffer_Release(&view)
         self._tables.append(table)
         self.c.slots[s] = <float **> <uintptr_t> table.ctypes.data
 

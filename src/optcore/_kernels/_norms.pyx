@@ -1,0 +1,143 @@
+# cython: language_level=3
+"""Low-level drivers of the norm, clipping and accumulation passes (see oc_norms.h).
+
+Arguments are trusted: ``optcore.clip``, ``optcore.kernels`` and ``optcore.optim`` validate
+before calling. The GIL is released while a kernel runs.
+"""
+import numpy as np
+
+from libc.stdint cimport int64_t, uintptr_t
+
+from optcore._kernels._runtime cimport (
+    OC_MAX_SLOTS, TensorList, exec_begin, exec_end, oc_exec, oc_list,
+)
+
+cdef extern from "oc_norms.h" nogil:
+    enum: OC_NORM_BLOCK
+    ctypedef struct oc_units:
+        int64_t nunits
+        const int64_t *tensor
+        const int64_t *start
+        const int64_t *len
+    void oc_norms_run(const oc_list *L, int sa, int sb, double *csq, float *cmax,
+                      double *tsq, double *tmax, const oc_exec *ex)
+    void oc_scale_run(const oc_list *L, int s, float scale, const float *ts, const oc_exec *ex)
+    void oc_clamp_run(const oc_list *L, int s, float limit, float *cmax, unsigned char *cnan,
+                      const oc_exec *ex)
+    void oc_accum_run(const oc_list *L, int src, int dst, int first, const oc_exec *ex)
+    void oc_unit_sumsq_run(const oc_list *L, int s, const oc_units *U, double *out,
+                           const oc_exec *ex)
+    void oc_unit_scale_run(const oc_list *L, int s, const oc_units *U, const float *f,
+                           const oc_exec *ex)
+
+NORM_BLOCK = OC_NORM_BLOCK
+
+
+cdef void _need_slot(TensorList tl, int slot) except *:
+    if not 0 <= slot < OC_MAX_SLOTS or tl.c.slots[slot] == NULL:
+        raise ValueError(f"slot {slot} is not set")
+
+
+cdef inline void *_ptr(a):
+    return <void *> <uintptr_t> a.ctypes.data
+
+
+def sumsq(TensorList tl, int slot=1, int slot2=-1):
+    """One read pass over slot ``slot`` (read as ``slot + slot2`` when ``slot2 >= 0``).
+
+    Returns ``(tensor_sumsq, tensor_maxabs)``: float64 arrays with one entry per tensor (the
+    max is NaN where the sum is NaN). Bitwise independent of the thread count.
+    """
+    _need_slot(tl, slot)
+    if slot2 >= 0:
+        _need_slot(tl, slot2)
+    nchunks = tl.c.nchunks
+    csq = np.empty(max(nchunks, 1), dtype=np.float64)
+    cmax = np.empty(max(nchunks, 1), dtype=np.float32)
+    tsq = np.empty(tl.ntensors, dtype=np.float64)
+    tmax = np.empty(tl.ntensors, dtype=np.float64)
+    cdef double *pcsq = <double *> _ptr(csq)
+    cdef float *pcmax = <float *> _ptr(cmax)
+    cdef double *ptsq = <double *> _ptr(tsq)
+    cdef double *ptmax = <double *> _ptr(tmax)
+    cdef oc_exec ex = exec_begin(tl.total)
+    ex.ftz = 0  # subnormal gradients count; flushing them is for the update kernels only
+    with nogil:
+        oc_norms_run(&tl.c, slot, slot2, pcsq, pcmax, ptsq, ptmax, &ex)
+    exec_end(ex)
+    return tsq, tmax
+
+
+def scale(TensorList tl, int slot, double factor, tensor_scale=None):
+    """``x *= factor * tensor_scale[t]`` in place (``tensor_scale``: float32, one per tensor)."""
+    _need_slot(tl, slot)
+    cdef const float *ts = NULL
+    if tensor_scale is not None:
+        ts = <const float *> _ptr(tensor_scale)
+    cdef oc_exec ex = exec_begin(tl.total)
+    with nogil:
+        oc_scale_run(&tl.c, slot, <float> factor, ts, &ex)
+    exec_end(ex)
+
+
+def clamp(TensorList tl, int slot, double limit):
+    """``x = clip(x, -limit, limit)`` in place; returns max |x| before (NaN if any NaN)."""
+    _need_slot(tl, slot)
+    nchunks = tl.c.nchunks
+    cmax = np.zeros(max(nchunks, 1), dtype=np.float32)
+    cnan = np.zeros(max(nchunks, 1), dtype=np.uint8)
+    cdef float *pcmax = <float *> _ptr(cmax)
+    cdef unsigned char *pcnan = <unsigned char *> _ptr(cnan)
+    cdef oc_exec ex = exec_begin(tl.total)
+    with nogil:
+        oc_clamp_run(&tl.c, slot, <float> limit, pcmax, pcnan, &ex)
+    exec_end(ex)
+    if nchunks == 0:
+        return 0.0
+    if cnan[:nchunks].any():
+        return float("nan")
+    return float(cmax[:nchunks].max())
+
+
+def accumulate(TensorList tl, int src, int dst, bint first):
+    """Gradient accumulation: ``dst = src`` when ``first``, else ``dst += src``."""
+    _need_slot(tl, src)
+    _need_slot(tl, dst)
+    cdef oc_exec ex = exec_begin(tl.total)
+    with nogil:
+        oc_accum_run(&tl.c, src, dst, first, &ex)
+    exec_end(ex)
+
+
+cdef oc_units _units(tensor, start, length):
+    cdef oc_units U
+    U.nunits = tensor.size
+    U.tensor = <const int64_t *> _ptr(tensor)
+    U.start = <const int64_t *> _ptr(start)
+    U.len = <const int64_t *> _ptr(length)
+    return U
+
+
+def unit_sumsq(TensorList tl, int slot, tensor, start, length):
+    """Sum of squares (float64) of every unit (int64 arrays ``tensor``, ``start``, ``length``)."""
+    _need_slot(tl, slot)
+    out = np.empty(max(tensor.size, 1), dtype=np.float64)
+    cdef oc_units U = _units(tensor, start, length)
+    cdef double *pout = <double *> _ptr(out)
+    cdef oc_exec ex = exec_begin(tl.total)
+    ex.ftz = 0
+    with nogil:
+        oc_unit_sumsq_run(&tl.c, slot, &U, pout, &ex)
+    exec_end(ex)
+    return out[:tensor.size]
+
+
+def unit_scale(TensorList tl, int slot, tensor, start, length, factors):
+    """``x *= factors[u]`` over every unit ``u`` (``factors``: float32, one per unit)."""
+    _need_slot(tl, slot)
+    cdef oc_units U = _units(tensor, start, length)
+    cdef const float *pf = <const float *> _ptr(factors)
+    cdef oc_exec ex = exec_begin(tl.total)
+    with nogil:
+        oc_unit_scale_run(&tl.c, slot, &U, pf, &ex)
+    exec_end(ex)

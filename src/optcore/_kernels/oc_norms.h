@@ -1,0 +1,231 @@
+/* Gradient norms and the in-place passes that clipping and accumulation need.
+ *
+ * Norms: one read pass over slot `a` of a tensor table (optionally reading x = a + b, the
+ * gradient plus the accumulator, in float32 exactly as the update kernel forms it) gives per
+ * chunk the sum of squares (float64) and the max |x|. Within a chunk, blocks of OC_NORM_BLOCK
+ * elements are summed in OC_LANES float32 lanes (fixed lane assignment, so every instruction
+ * set computes the same bits); each block is folded into float64. A block whose float32 sum is
+ * not trustworthy -- overflow (|x| above ~1e19), NaN/inf, or so small that squares underflow --
+ * is summed again in float64 from L1, so any finite input gives a finite, accurate norm.
+ * Chunk partials are then combined serially in index order: per tensor, the sum of its chunks
+ * in order; overall, the sum of the tensors in order. Results do not depend on the thread
+ * count.
+ *
+ * Units (adaptive clipping): the same block sums over "units" -- contiguous runs of a tensor
+ * such as the rows of a weight matrix -- each unit summed by one thread, in order.
+ */
+#ifndef OC_NORMS_H
+#define OC_NORMS_H
+
+#include <float.h>
+#include "oc_common.h"
+
+#define OC_NORM_BLOCK 4096
+#define OC_LANES 32
+/* A float32 block sum is used only inside [OC_SQ_LO, OC_SQ_HI]. Below 2^-64, squares of the
+ * block's elements may be subnormal or flushed (absolute error up to 4096 * 2^-126, i.e. a
+ * relative error above 2^-50 of such a sum); above FLT_MAX a lane overflowed. */
+#define OC_SQ_LO 5.421010862427522e-20
+#define OC_SQ_HI ((double)FLT_MAX)
+
+/* x[i], or x[i] + y[i] (float32, as the update kernel reads grad + acc). */
+static inline __attribute__((always_inline)) float
+oc_val(const float *x, const float *y, int64_t i, int two) {
+    return two ? x[i] + y[i] : x[i];
+}
+
+/* Sum of squares in float64 (exact products, lanes in fixed order). */
+static inline __attribute__((always_inline)) double
+oc_block_sumsq64(const float *x, const float *y, int two, int64_t n) {
+    double acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) {
+            double v = (double)oc_val(x, y, i + j, two);
+            acc[j] += v * v;
+        }
+    for (int j = 0; i + j < n; j++) {
+        double v = (double)oc_val(x, y, i + j, two);
+        acc[j] += v * v;
+    }
+    double s = 0.0;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    return s;
+}
+
+/* Sum of squares (float64) and max |x| of one block of n <= OC_NORM_BLOCK elements.
+ * NaN is not propagated into *amax here; the caller marks a NaN sum instead. */
+static inline __attribute__((always_inline)) void
+oc_block_sumsq(const float *x, const float *y, int two, int64_t n, double *sum, float *amax) {
+    float acc[OC_LANES] = {0}, mx[OC_LANES] = {0};
+    int64_t i = 0;
+    for (; i + OC_LANES <= n; i += OC_LANES)
+        for (int j = 0; j < OC_LANES; j++) {
+            float v = oc_val(x, y, i + j, two);
+            float a = fabsf(v);
+            acc[j] += v * v;
+            mx[j] = a > mx[j] ? a : mx[j];
+        }
+    for (int j = 0; i + j < n; j++) {
+        float v = oc_val(x, y, i + j, two);
+        float a = fabsf(v);
+        acc[j] += v * v;
+        mx[j] = a > mx[j] ? a : mx[j];
+    }
+    double s = 0.0;
+    float m = 0.0f;
+    for (int j = 0; j < OC_LANES; j++) {
+        s += (double)acc[j];
+        m = mx[j] > m ? mx[j] : m;
+    }
+    if (!(s >= OC_SQ_LO && s <= OC_SQ_HI) && m != 0.0f) s = oc_block_sumsq64(x, y, two, n);
+    *sum = s;
+    *amax = m;
+}
+
+/* Sum of squares and max |x| of n consecutive elements, block by block, in order. */
+static inline __attribute__((always_inline)) void
+oc_run_sumsq(const float *x, const float *y, int two, int64_t n, double *sum, float *amax) {
+    double s = 0.0;
+    float m = 0.0f;
+    for (int64_t i = 0; i < n; i += OC_NORM_BLOCK) {
+        const int64_t b = n - i < OC_NORM_BLOCK ? n - i : OC_NORM_BLOCK;
+        double bs;
+        float bm;
+        oc_block_sumsq(x + i, two ? y + i : NULL, two, b, &bs, &bm);
+        s += bs;
+        m = bm > m ? bm : m;
+    }
+    *sum = s;
+    *amax = m;
+}
+
+static inline __attribute__((always_inline)) void
+oc_norms_chunk(const oc_list *L, int sa, int sb, double *csq, float *cmax, int64_t c) {
+    const float *x = oc_slot(L, sa, c);
+    const float *y = sb >= 0 ? oc_slot(L, sb, c) : NULL;
+    const int64_t n = oc_chunk_len(L, c);
+    if (y != NULL) oc_run_sumsq(x, y, 1, n, &csq[c], &cmax[c]);
+    else oc_run_sumsq(x, NULL, 0, n, &csq[c], &cmax[c]);
+}
+
+/* Per-chunk partials of slot sa (plus slot sb when sb >= 0) into csq/cmax (nchunks entries),
+ * then per tensor into tsq/tmax (ntensors entries; tmax is NaN where tsq is NaN). */
+OC_CLONES static void oc_norms_run(const oc_list *L, int sa, int sb, double *csq, float *cmax,
+                                   double *tsq, double *tmax, const oc_exec *ex) {
+    OC_FOR_EACH_CHUNK(L, ex, c, oc_norms_chunk(L, sa, sb, csq, cmax, c));
+    for (int64_t t = 0; t < L->ntensors; t++) { tsq[t] = 0.0; tmax[t] = 0.0; }
+    for (int64_t c = 0; c < L->nchunks; c++) {
+        const int64_t t = L->chunk_tensor[c];
+        tsq[t] += csq[c];
+        tmax[t] = (double)cmax[c] > tmax[t] ? (double)cmax[c] : tmax[t];
+    }
+    for (int64_t t = 0; t < L->ntensors; t++)
+        if (tsq[t] != tsq[t]) tmax[t] = NAN;
+}
+
+/* ---- in-place passes ---------------------------------------------------------------- */
+
+/* x *= scale * tensor_scale[t] (tensor_scale may be NULL). */
+static inline __attribute__((always_inline)) void
+oc_scale_chunk(const oc_list *L, int s, float scale, const float *ts, int64_t c) {
+    float *x = oc_slot(L, s, c);
+    const float f = ts != NULL ? scale * ts[L->chunk_tensor[c]] : scale;
+    const int64_t n = oc_chunk_len(L, c);
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] * f;
+}
+
+OC_CLONES static void oc_scale_run(const oc_list *L, int s, float scale, const float *ts,
+                                   const oc_exec *ex) {
+    OC_FOR_EACH_CHUNK(L, ex, c, oc_scale_chunk(L, s, scale, ts, c));
+}
+
+/* x = clamp(x, -limit, limit) (NaN passes through, as torch.clamp); records max |x| before,
+ * per chunk, with NaN marked by cnan[c]. */
+static inline __attribute__((always_inline)) void
+oc_clamp_chunk(const oc_list *L, int s, float limit, float *cmax, unsigned char *cnan, int64_t c) {
+    float *x = oc_slot(L, s, c);
+    const int64_t n = oc_chunk_len(L, c);
+    float m = 0.0f;
+    int nan = 0;
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        float a = fabsf(v);
+        m = a > m ? a : m;
+        nan |= v != v;
+        x[i] = v > limit ? limit : (v < -limit ? -limit : v);
+    }
+    cmax[c] = m;
+    cnan[c] = (unsigned char)nan;
+}
+
+OC_CLONES static void oc_clamp_run(const oc_list *L, int s, float limit, float *cmax,
+                                   unsigned char *cnan, const oc_exec *ex) {
+    OC_FOR_EACH_CHUNK(L, ex, c, oc_clamp_chunk(L, s, limit, cmax, cnan, c));
+}
+
+/* Gradient accumulation: dst = src on the first micro-step, else dst += src. */
+static inline __attribute__((always_inline)) void
+oc_accum_chunk(const oc_list *L, int src, int dst, int first, int64_t c) {
+    const float *g = oc_slot(L, src, c);
+    float *a = oc_slot(L, dst, c);
+    const int64_t n = oc_chunk_len(L, c);
+    if (first)
+        for (int64_t i = 0; i < n; i++) a[i] = g[i];
+    else
+        for (int64_t i = 0; i < n; i++) a[i] = a[i] + g[i];
+}
+
+OC_CLONES static void oc_accum_run(const oc_list *L, int src, int dst, int first,
+                                   const oc_exec *ex) {
+    OC_FOR_EACH_CHUNK(L, ex, c, oc_accum_chunk(L, src, dst, first, c));
+}
+
+/* ---- units: contiguous runs (rows / output channels) of the tensors ------------------ */
+
+/* A table of units: unit u is elements [start[u], start[u] + len[u]) of tensor tensor[u]. */
+typedef struct {
+    int64_t nunits;
+    const int64_t *tensor;
+    const int64_t *start;
+    const int64_t *len;
+} oc_units;
+
+#define OC_FOR_EACH_UNIT(U, ex, total, u, BODY)                                     \
+    do {                                                                           \
+        int oc_nt_ = oc_team_size((ex), (total));                                 \
+        if (oc_nt_ > 1) {                                                          \
+            _Pragma("omp parallel for num_threads(oc_nt_) schedule(static)")       \
+            for (int64_t u = 0; u < (U)->nunits; u++) { BODY; }                   \
+        } else {                                                                   \
+            for (int64_t u = 0; u < (U)->nunits; u++) { BODY; }                   \
+        }                                                                          \
+    } while (0)
+
+static inline __attribute__((always_inline)) void
+oc_unit_sumsq_one(const oc_list *L, int s, const oc_units *U, double *out, int64_t u) {
+    const float *x = L->slots[s][U->tensor[u]] + U->start[u];
+    float m;
+    oc_run_sumsq(x, NULL, 0, U->len[u], &out[u], &m);
+}
+
+OC_CLONES static void oc_unit_sumsq_run(const oc_list *L, int s, const oc_units *U, double *out,
+                                        const oc_exec *ex) {
+    OC_FOR_EACH_UNIT(U, ex, L->total, u, oc_unit_sumsq_one(L, s, U, out, u));
+}
+
+static inline __attribute__((always_inline)) void
+oc_unit_scale_one(const oc_list *L, int s, const oc_units *U, const float *f, int64_t u) {
+    float *x = L->slots[s][U->tensor[u]] + U->start[u];
+    const float k = f[u];
+    const int64_t n = U->len[u];
+    if (k != 1.0f)
+        for (int64_t i = 0; i < n; i++) x[i] = x[i] * k;
+}
+
+OC_CLONES static void oc_unit_scale_run(const oc_list *L, int s, const oc_units *U,
+                                        const float *f, const oc_exec *ex) {
+    OC_FOR_EACH_UNIT(U, ex, L->total, u, oc_unit_scale_one(L, s, U, f, u));
+}
+
+#endif /* OC_NORMS_H */
