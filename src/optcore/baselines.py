@@ -18,12 +18,14 @@ optimizers on the problem's float32 path. Both return a :class:`Result`, modelle
 """
 import math
 import time
+from numbers import Real
 
 import numpy as np
 from scipy.optimize import OptimizeResult
 from scipy.optimize import minimize as _sp_minimize
 
 from optcore import _checks as ck
+from optcore.clip import ClipPolicy, GlobalNorm
 from optcore.optim import Optimizer
 from optcore.params import Parameters
 from optcore.problems import Problem
@@ -236,22 +238,13 @@ def minimize(problem, method, *, maxiter=None, budget=None, time_limit=None, tol
                    message=message)
 
 
-def _clip_global_norm_(grads, max_norm):
-    """Scale the flat float32 gradient in place so its L2 norm is at most ``max_norm``."""
-    norm = math.sqrt(float(np.dot(grads, grads)))
-    if norm > max_norm:
-        grads *= np.float32(max_norm / (norm + 1e-6))
-    return norm
-
-
 def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch_size=None,
-          seed=0, schedule=None, clip_norm=None, trace_points=100, name=None, **hyper):
+          seed=0, schedule=None, clip=None, trace_points=100, name=None, **hyper):
     r"""Train a problem with one of optcore's first-order optimizers on its float32 path.
 
     Each step: :meth:`Problem.loss_and_grad_` writes the (minibatch) gradient into the
-    parameter arena, optional global-norm clipping scales it to at most ``clip_norm``
-    (:math:`g \leftarrow g \min(1, c / \|g\|)`, as ``torch.nn.utils.clip_grad_norm_``), and
-    ``optimizer.step(lr=schedule(t))`` updates in place.
+    parameter arena and ``optimizer.step(lr=schedule(t))`` updates in place (with clipping
+    fused into the step when ``clip`` is given).
 
     Parameters
     ----------
@@ -274,8 +267,10 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
     seed : int, default 0
     schedule : callable, optional
         ``schedule(t) -> lr`` for step ``t = 0, 1, ...``; default: the optimizer's ``lr``.
-    clip_norm : float, optional
-        Clip the global L2 norm of the gradient to this value before each step.
+    clip : float or optcore.clip.ClipPolicy, optional
+        With an optimizer class: its ``clip=`` policy; a number :math:`c` means
+        ``optcore.clip.GlobalNorm(c)``, :math:`g \leftarrow g \min(1, c / \|g\|_2)` as
+        ``torch.nn.utils.clip_grad_norm_``, applied on the fly inside the fused step.
     trace_points : int, default 100
         About how many full-data loss checkpoints to record (clock stopped while recording).
     name : str, optional
@@ -301,12 +296,16 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
     """
     if not isinstance(problem, Problem):
         raise TypeError(f"problem must be an optcore.problems.Problem, got {type(problem).__name__}")
+    if isinstance(clip, bool) or isinstance(clip, Real):
+        clip = GlobalNorm(ck.real("clip", clip))
+    elif clip is not None and not isinstance(clip, ClipPolicy):
+        raise TypeError(f"clip must be a number or an optcore.clip policy, got {type(clip).__name__}")
     if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
         params = problem.parameters()
-        opt = optimizer(params, **hyper)
+        opt = optimizer(params, clip=clip, **hyper)
     elif isinstance(optimizer, Optimizer):
-        if hyper:
-            raise TypeError(f"hyper-parameters {sorted(hyper)} given with an optimizer instance")
+        if hyper or clip is not None:
+            raise TypeError("hyper-parameters and clip= go to an optimizer class, not an instance")
         params = optimizer.parameters
         if not isinstance(params, Parameters):
             raise ValueError("optimizer must be built over a Parameters arena from problem.parameters()")
@@ -319,10 +318,6 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
     budget, time_limit = _limits(budget, time_limit)
     if steps is None and budget is None and time_limit is None:
         raise ValueError("give steps, budget or time_limit")
-    if clip_norm is not None:
-        clip_norm = ck.real("clip_norm", clip_norm)
-        if not clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
     if schedule is not None and not callable(schedule):
         raise TypeError("schedule must be callable: schedule(t) -> lr")
     trace_points = ck.positive_int("trace_points", trace_points)
@@ -332,7 +327,6 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
     planned = [s for s in (steps, None if budget is None else math.floor(budget / cost + 1e-9))
                if s is not None]
     every = max(1, min(planned) // trace_points) if planned else 10
-    grads = params.grads.flat
 
     meter = _Meter(budget, time_limit)
 
@@ -357,8 +351,6 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
             status, success = STATUS_DIVERGED, False
             message = f"loss became {loss} at step {meter.nit}"
             break
-        if clip_norm is not None:
-            _clip_global_norm_(grads, clip_norm)
         opt.step(lr=None if schedule is None else schedule(meter.nit))
         meter.nit += 1
         if meter.nit % every == 0:

@@ -635,7 +635,7 @@ class MLP(_DataProblem):
     ----------
     X, y : array_like, optional
         Data (labels 0..k-1). Default: the digits data set.
-    hidden : int, default 32
+    hidden : int, default 16
     alpha : float, default 1e-4
     standardize : bool, default True
     seed : int, default 0
@@ -648,7 +648,7 @@ class MLP(_DataProblem):
     hessp_cost = 2
     eps = 1e-5
 
-    def __init__(self, X=None, y=None, *, hidden=32, alpha=1e-4, standardize=True, seed=0):
+    def __init__(self, X=None, y=None, *, hidden=16, alpha=1e-4, standardize=True, seed=0):
         self.hidden = ck.positive_int("hidden", hidden)
         rng = np.random.default_rng(seed)
 
