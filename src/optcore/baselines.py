@@ -73,7 +73,8 @@ class Result(OptimizeResult):
         Training accuracy at ``x`` for classification problems.
     trace : ndarray, shape (k, 3)
         Rows ``(evaluations, seconds, loss)``: for SciPy every evaluation (trial points of line
-        searches included), for :func:`train` the full-data loss at regular checkpoints.
+        searches included; a last row at the total cost when Hessian-vector products followed
+        the last evaluation), for :func:`train` the full-data loss at regular checkpoints.
     """
 
     def to_dict(self):
@@ -233,6 +234,9 @@ def minimize(problem, method, *, maxiter=None, budget=None, time_limit=None, tol
     except _Stop as stop:
         seconds = meter.elapsed()
         x, success, status, message = best["x"], False, stop.status, stop.message
+    if meter.trace and meter.evaluations > meter.trace[-1][0]:
+        # Hessian-vector products after the last evaluation: extend the trace to the cost spent
+        meter.trace.append((meter.evaluations, seconds, min(best["f"], meter.trace[-1][2])))
     return _finish(problem, np.asarray(x, dtype=np.float64), meter, seconds, method=key,
                    nfev=meter.nfev, njev=meter.nfev, success=success, status=status,
                    message=message)

@@ -23,18 +23,22 @@ def _compare(args):
     X = y = None
     if args.data is not None:
         try:
-            with np.load(args.data, allow_pickle=False) as data:
-                if "X" not in data or "y" not in data:
-                    raise ValueError(f"--data {args.data}: the .npz file must hold arrays 'X' and 'y'")
-                X, y = data["X"], data["y"]
-        except (OSError, EOFError) as exc:
+            data = np.load(args.data, allow_pickle=False)
+            if isinstance(data, np.ndarray):  # a .npy file
+                raise ValueError("it holds one array, not an .npz archive")
+            with data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, EOFError, ValueError) as exc:
             raise ValueError(f"--data {args.data}: cannot read it as .npz ({exc})") from None
+        if "X" not in arrays or "y" not in arrays:
+            raise ValueError(f"--data {args.data}: the .npz file must hold arrays 'X' and 'y'")
+        X, y = arrays["X"], arrays["y"]
     try:
         results = compare.run(
             None if args.problems is None else _names(args.problems),
             None if args.methods is None else _names(args.methods),
             budget=args.budget, time_limit=args.time_limit, seed=args.seed,
-            threads=args.threads, quick=args.quick, X=X, y=y,
+            threads=args.threads, quick=args.quick, X=X, y=y, progress=sys.stderr,
         )
         print(compare.format_table(results))
         settings = {k: v for k, v in vars(args).items() if k != "func"}

@@ -27,7 +27,7 @@ import optcore
 from optcore import _checks as ck
 from optcore import baselines, problems
 
-__all__ = ["run", "format_table", "plot", "write", "FIRST_ORDER", "SCIPY_METHODS",
+__all__ = ["run", "format_table", "plot", "write", "Records", "FIRST_ORDER", "SCIPY_METHODS",
            "DEFAULT_METHODS", "DEFAULT_PROBLEMS", "LEARNING_RATES", "BUDGETS", "warmup_cosine"]
 
 #: optcore optimizers of the suite: name -> (class, fixed hyper-parameters).
@@ -63,16 +63,16 @@ BATCH_SIZE = 128
 CLIP_NORMS = {"rosenbrock": 10.0, "quadratic": 10.0, "logistic": 1.0, "softmax": 1.0, "mlp": 1.0}
 #: Peak learning rate per problem and optimizer (see the module notes).
 LEARNING_RATES = {
-    "rosenbrock": {"sgd": 1e-4, "adagrad": 0.3, "rmsprop": 0.01, "adam": 0.1, "adamw": 0.1,
-                   "adamax": 0.1, "nadam": 0.1},
-    "quadratic": {"sgd": 1e-3, "adagrad": 1.0, "rmsprop": 0.01, "adam": 0.1, "adamw": 0.1,
-                  "adamax": 0.1, "nadam": 0.1},
-    "logistic": {"sgd": 0.1, "adagrad": 0.1, "rmsprop": 1e-3, "adam": 0.01, "adamw": 0.01,
-                 "adamax": 0.01, "nadam": 0.01},
-    "softmax": {"sgd": 0.1, "adagrad": 0.1, "rmsprop": 1e-3, "adam": 0.01, "adamw": 0.01,
-                "adamax": 0.01, "nadam": 0.01},
-    "mlp": {"sgd": 0.1, "adagrad": 0.1, "rmsprop": 1e-3, "adam": 0.01, "adamw": 0.01,
-            "adamax": 0.01, "nadam": 0.01},
+    "rosenbrock": {"sgd": 0.001, "adagrad": 1, "rmsprop": 0.1, "adam": 1,
+                  "adamw": 1, "adamax": 1, "nadam": 0.3},
+    "quadratic": {"sgd": 0.003, "adagrad": 1, "rmsprop": 0.1, "adam": 1,
+                 "adamw": 1, "adamax": 1, "nadam": 0.3},
+    "logistic": {"sgd": 0.1, "adagrad": 1, "rmsprop": 0.03, "adam": 0.1,
+                "adamw": 0.1, "adamax": 0.3, "nadam": 0.1},
+    "softmax": {"sgd": 0.3, "adagrad": 1, "rmsprop": 0.03, "adam": 0.03,
+               "adamw": 0.03, "adamax": 0.3, "nadam": 0.03},
+    "mlp": {"sgd": 0.1, "adagrad": 0.3, "rmsprop": 0.01, "adam": 0.03,
+           "adamw": 0.03, "adamax": 0.1, "nadam": 0.03},
 }
 
 
@@ -135,6 +135,15 @@ def _parse_problems(names):
     return out
 
 
+class Records(list):
+    """The results of one problem: a list of :class:`optcore.baselines.Result`, with the
+    problem object as ``problem``."""
+
+    def __init__(self, problem, records=()):
+        super().__init__(records)
+        self.problem = problem
+
+
 class _Progress:
     """A plain-text progress bar on a stream: redrawn in place on a terminal, one line per
     finished run otherwise."""
@@ -184,13 +193,14 @@ def _run_one(problem, method, budget, time_limit, seed, trace_points):
     steps = max(1, math.floor(budget / cost + 1e-9))
     return baselines.train(
         problem, cls, budget=budget, time_limit=time_limit, batch_size=batch, seed=seed,
-        schedule=warmup_cosine(lr, steps), clip=CLIP_NORMS.get(problem.name, 1.0) if clip else None,
+        schedule=warmup_cosine(lr, steps),
+        clip=CLIP_NORMS.get(problem.name, 1.0) if clip else None,
         trace_points=trace_points, name=method, lr=lr, **fixed,
     )
 
 
 def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, threads=1,
-        quick=False, X=None, y=None, progress=sys.stderr):
+        quick=False, X=None, y=None, progress=None):
     """Run every method on every problem.
 
     Parameters
@@ -219,12 +229,13 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
     X, y : array_like, optional
         Data for the data problems (default: the digits).
     progress : text stream or None
-        Where the progress bar goes (default ``sys.stderr``).
+        Where the progress bar goes (the command passes ``sys.stderr``); ``None``: no bar.
 
     Returns
     -------
-    dict of str to list of optcore.baselines.Result
-        Records per problem, in the order of ``methods``.
+    dict of str to Records
+        Records per problem (a list of :class:`optcore.baselines.Result` in the order of
+        ``methods``, with the problem as attribute ``problem``).
     """
     names = _parse_problems(problems_)
     methods = _parse_methods(methods)
@@ -263,8 +274,9 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
             warnings.simplefilter("ignore", RuntimeWarning)
             for name in names:
                 problem = built[name]
+                problem.f_star  # the reference minimum for the plots, computed here, untimed
                 b = budget if budget is not None else (QUICK_BUDGET if quick else BUDGETS[name])
-                results[name] = []
+                results[name] = Records(problem)
                 for method in methods:
                     results[name].append(_run_one(problem, method, b, time_limit, seed,
                                                    20 if quick else 100))
@@ -328,13 +340,14 @@ def _style(method):
             "linewidth": 1.4}
 
 
-def plot(name, records, path):
-    """Write a PNG of loss minus the best loss found against evaluations and against time.
+def plot(problem, records, path):
+    """Write a PNG of the loss against evaluations and against wall time.
 
     Every curve is the running minimum of its trace (SciPy's line searches evaluate trial
-    points whose loss may be higher than the iterate's), shifted by the lowest loss any
-    run reached so that convergence shows on a log scale. Needs matplotlib (the ``plot``
-    extra); uses the non-interactive Agg backend.
+    points whose loss may be higher than the iterate's). When the problem's minimum
+    :math:`f^*` is known (:attr:`optcore.problems.Problem.f_star`: the analytic and the convex
+    problems) the curves show the gap :math:`f - f^*` on a log scale, else the loss itself.
+    Needs matplotlib (the ``plot`` extra); uses the non-interactive Agg backend.
     """
     try:
         import matplotlib
@@ -343,29 +356,34 @@ def plot(name, records, path):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    finite = [r.trace[:, 2][np.isfinite(r.trace[:, 2])] for r in records]
-    best = min((f.min() for f in finite if f.size), default=0.0)
-    floor = 1e-12 * max(1.0, abs(best))
+    f_star = problem.f_star
+    shift = 0.0 if f_star is None else f_star
+    floor = 1e-15 * max(1.0, abs(shift))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
     for r in records:
-        t = r.trace
-        keep = np.isfinite(t[:, 2])
-        if not keep.any():
+        t = r.trace[np.isfinite(r.trace[:, 2])]
+        if not len(t):
             continue
-        t = t[keep]
-        gap = np.maximum(np.minimum.accumulate(t[:, 2]) - best, floor)
+        y = np.minimum.accumulate(t[:, 2])
+        if f_star is not None:
+            y = np.maximum(y - shift, floor)
         style = _style(r.method)
-        axes[0].plot(t[:, 0], gap, label=r.method, **style)
-        axes[1].plot(np.maximum(t[:, 1], 1e-5), gap, **style)
+        axes[0].plot(t[:, 0], y, label=r.method, **style)
+        axes[1].plot(np.maximum(t[:, 1], 1e-5), y, **style)
     axes[0].set_xlabel("full-data gradient evaluations (Hessian-vector products included)")
     axes[1].set_xlabel("wall time [s]")
     axes[1].set_xscale("log")
-    axes[0].set_ylabel(f"best loss so far − {best:.6g}")
+    if f_star is None:
+        axes[0].set_ylabel("best loss so far")
+    elif f_star == 0.0:
+        axes[0].set_ylabel("best loss so far (minimum 0)")
+    else:
+        axes[0].set_ylabel(f"best loss so far − f*   (f* = {f_star:.10g})")
     for ax in axes:
         ax.set_yscale("log")
         ax.grid(True, which="major", alpha=0.3)
-    fig.suptitle(f"{name}: first-order (solid; dashed = global-norm clipping) "
-                 f"vs SciPy (dotted)")
+    fig.suptitle(f"{problem.name} (n = {problem.n}): optcore first-order (solid; dashed = "
+                 f"global-norm clipping) vs SciPy (dotted)")
     fig.legend(loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 0.87, 0.95))
     fig.savefig(path, dpi=110)
@@ -375,17 +393,20 @@ def plot(name, records, path):
 
 def write(results, out, *, settings=None):
     """Write ``<problem>.png``, ``<problem>.json`` and ``table.txt`` into the directory
-    ``out`` (created if needed); return the paths written."""
+    ``out`` (created if needed); return the paths written. ``results`` as :func:`run`
+    returns it."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"cannot create output directory {out!r}: {exc.strerror}") from None
     paths = []
     for name, records in results.items():
-        paths.append(plot(name, records, os.path.join(out, f"{name}.png")))
+        problem = records.problem
+        paths.append(plot(problem, records, os.path.join(out, f"{name}.png")))
         path = os.path.join(out, f"{name}.json")
         with open(path, "w") as f:
-            json.dump({"problem": name, "settings": settings or {},
+            json.dump({"problem": name, "n": problem.n, "f_star": problem.f_star,
+                       "settings": settings or {},
                        "records": [r.to_dict() for r in records]}, f)
         paths.append(path)
     path = os.path.join(out, "table.txt")

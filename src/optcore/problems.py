@@ -133,6 +133,13 @@ class Problem:
         not a classifier."""
         return None
 
+    @property
+    def f_star(self):
+        """The minimum value of :math:`f` when it is known (closed form, or for a convex
+        problem computed once by trust-region Newton-CG to a gradient norm of 1e-10 and
+        cached), else ``None`` (non-convex problems)."""
+        return None
+
     # -- float32 first-order path -----------------------------------------------------------
 
     def parameters(self, x=None):
@@ -251,6 +258,8 @@ class Rosenbrock(Problem):
         super().__init__({"x": (n,)}, x0)
         self.x_star = np.ones(n)
 
+    f_star = 0.0
+
     @staticmethod
     def _eval(x):
         a, b = x[:-1], x[1:]
@@ -320,6 +329,8 @@ class Quadratic(Problem):
         self.A32 = self.A.astype(np.float32)
         self.x_star = np.ones(n)
         self.cond = cond
+
+    f_star = 0.0
 
     def _fun_grad(self, x):
         r = x - self.x_star
@@ -453,6 +464,20 @@ class _DataProblem(Problem):
         self.Y[np.arange(self.n_samples), y] = 1.0
         self.Y32 = self.Y.astype(np.float32)
         super().__init__(shapes_fn(self.n_features, k), x0_fn(self.n_features, k))
+
+    convex = True
+
+    @property
+    def f_star(self):
+        if not self.convex:
+            return None
+        if getattr(self, "_f_star", None) is None:
+            from scipy.optimize import minimize
+
+            r = minimize(self._fun_grad, self.x0, jac=True, hessp=self._hessp,
+                         method="trust-ncg", options={"gtol": 1e-10, "maxiter": 1000})
+            self._f_star = float(r.fun)
+        return self._f_star
 
     def _rows(self, batch):
         if batch is None:
@@ -644,6 +669,7 @@ class MLP(_DataProblem):
     """
 
     name = "mlp"
+    convex = False
     hessp_exact = False
     hessp_cost = 2
     eps = 1e-5
