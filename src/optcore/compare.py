@@ -331,7 +331,7 @@ def format_table(results):
 
 def _style(method):
     scipy_colors = {"newton-cg": "black", "bfgs": "tab:olive", "cg": "tab:cyan",
-                    "l-bfgs-b": "tab:gray", "trust-ncg": "tab:pink"}
+                    "l-bfgs-b": "tab:gray", "trust-ncg": "navy"}
     if method in SCIPY_METHODS:
         return {"color": scipy_colors[method], "linestyle": ":", "linewidth": 2.2}
     base = method[: -len(CLIP_SUFFIX)] if method.endswith(CLIP_SUFFIX) else method
