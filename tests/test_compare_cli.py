@@ -139,6 +139,14 @@ def test_warmup_cosine_schedule():
     assert s(100) == pytest.approx(0.0, abs=1e-15)
 
 
+def test_run_restores_the_thread_count():
+    import optcore
+
+    optcore.set_num_threads(2)
+    compare.run(["quadratic"], ["adam"], budget=2, threads=1)
+    assert optcore.get_num_threads() == 2
+
+
 def test_format_table_sorts_by_loss_and_marks_status():
     results = compare.run(["rosenbrock"], ["sgd", "trust-ncg"], budget=50, progress=None)
     table = compare.format_table(results).splitlines()

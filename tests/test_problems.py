@@ -159,6 +159,19 @@ def test_float32_path_agrees_with_float64_path(name, rng):
     assert np.linalg.norm(g32 - g) <= 2e-5 * np.linalg.norm(g)
 
 
+def test_mlp_float32_path_is_thread_count_independent(rng):
+    # 1797 x 40 = 71880 batch-norm inputs: several chunks, run in parallel with 2 threads
+    problem = P.MLP(hidden=40)
+    params = problem.parameters(_point(problem, rng, 0.1))
+    out = []
+    for threads in (1, 2):
+        optcore.set_num_threads(threads)
+        loss = problem.loss_and_grad_(params)
+        out.append((loss, params.grads.flat.copy()))
+    assert out[0][0] == out[1][0]
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+
+
 def test_mlp_float32_path_uses_optcore_batchnorm(monkeypatch):
     problem = P.MLP(*_digits_subset(100), hidden=4)
     calls = []

@@ -171,7 +171,8 @@ class _Progress:
 
 
 def _threads_context(threads):
-    """Limit optcore and, when threadpoolctl is installed, the BLAS library to ``threads``."""
+    """Limit optcore (the caller restores it) and, when threadpoolctl is installed, the BLAS
+    library to ``threads``."""
     optcore.set_num_threads(threads)
     try:
         from threadpoolctl import threadpool_limits
@@ -261,12 +262,13 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
             names.remove("logistic")
     built = {}
     for name in names:
-        data = issubclass(problems.PROBLEMS[name], problems._DataProblem)
+        data = problems.PROBLEMS[name].takes_data
         kwargs = {"seed": seed} if name in ("quadratic", "mlp") else {}
         built[name] = problems.make_problem(name, X if data else None, y if data else None,
                                             **kwargs)
     bar = _Progress(len(names) * len(methods), progress)
     results = {}
+    previous_threads = optcore.get_num_threads()
     limits = _threads_context(threads)
     try:
         with warnings.catch_warnings():
@@ -284,7 +286,7 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
     finally:
         if limits is not None:
             limits.restore_original_limits()
-        optcore.set_num_threads(None)
+        optcore.set_num_threads(previous_threads)
     return results
 
 

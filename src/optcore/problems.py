@@ -56,6 +56,8 @@ class Problem:
         The starting point.
     n_samples : int or None
         Number of data samples (``None`` when the objective has no data).
+    takes_data : bool
+        Whether the class is built from a data set ``X, y``.
     hessp_exact : bool
         Whether :meth:`hessp` is exact (else a finite difference of gradients).
     hessp_cost : int
@@ -66,6 +68,7 @@ class Problem:
 
     name = "problem"
     n_samples = None
+    takes_data = False
     hessp_exact = True
     hessp_cost = 1
 
@@ -442,6 +445,7 @@ def _standardize(X):
 class _DataProblem(Problem):
     """Shared data handling: validation, standardization, float32 copies, one-hot labels."""
 
+    takes_data = True
     binary = False
 
     def __init__(self, X, y, alpha, standardize, shapes_fn, x0_fn):
@@ -763,7 +767,7 @@ def make_problem(name, X=None, y=None, **kwargs):
     if name not in PROBLEMS:
         raise ValueError(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}")
     cls = PROBLEMS[name]
-    if issubclass(cls, _DataProblem):
+    if cls.takes_data:
         return cls(X, y, **kwargs)
     if X is not None or y is not None:
         raise ValueError(f"problem {name!r} takes no data")
