@@ -153,6 +153,16 @@ def test_train_reports_divergence():
     r = B.train(P.Quadratic(10, cond=1e3), optcore.SGD, steps=200, lr=10.0)
     assert r.status == B.STATUS_DIVERGED and not r.success
     assert r.nit < 200
+    json.dumps(r.to_dict(), allow_nan=False)
+
+
+def test_to_dict_is_strict_json():
+    r = B.Result(x=np.array([1.0, np.nan]), fun=float("inf"), nit=np.int64(3),
+                 trace=np.array([[0.0, 0.0, np.nan]]), message="m", accuracy=None)
+    d = r.to_dict()
+    assert d == {"x": [1.0, None], "fun": None, "nit": 3, "trace": [[0.0, 0.0, None]],
+                 "message": "m", "accuracy": None}
+    json.dumps(d, allow_nan=False)
 
 
 @pytest.mark.parametrize("kwargs, err, match", [

@@ -78,15 +78,16 @@ class Result(OptimizeResult):
     """
 
     def to_dict(self):
-        """A JSON-ready dict (arrays as lists, NumPy scalars as Python numbers)."""
+        """A dict for strict JSON: arrays as (nested) lists, NumPy scalars as Python numbers,
+        NaN and infinities (a diverged run) as ``None``."""
         out = {}
         for k, v in self.items():
             if isinstance(v, np.ndarray):
-                v = v.tolist()
+                v = np.where(np.isfinite(v), v, None).tolist() if v.dtype.kind == "f" else v.tolist()
             elif isinstance(v, np.generic):
                 v = v.item()
             if isinstance(v, float) and not math.isfinite(v):
-                v = str(v)
+                v = None
             out[k] = v
         return out
 

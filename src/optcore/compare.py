@@ -409,7 +409,7 @@ def write(results, out, *, settings=None):
         with open(path, "w") as f:
             json.dump({"problem": name, "n": problem.n, "f_star": problem.f_star,
                        "settings": settings or {},
-                       "records": [r.to_dict() for r in records]}, f)
+                       "records": [r.to_dict() for r in records]}, f, allow_nan=False)
         paths.append(path)
     path = os.path.join(out, "table.txt")
     with open(path, "w") as f:
