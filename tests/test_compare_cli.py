@@ -99,6 +99,13 @@ def test_bad_data_gives_one_line_and_nonzero_exit(X, y, match, tmp_path, capsys)
     assert len(lines) == 1 and match in lines[0]
 
 
+def test_out_must_be_a_directory(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert _run(["compare", "--quick", "--out", str(tmp_path / "file")]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"optcore: error: --out {tmp_path / 'file'}: exists and is not a directory"]
+
+
 def test_data_file_errors(tmp_path, capsys):
     np.savez(tmp_path / "wrong.npz", A=np.ones((4, 2)))
     (tmp_path / "junk.npz").write_text("not a zip")

@@ -1,5 +1,6 @@
 """The ``optcore`` command."""
 import argparse
+import os
 import sys
 
 
@@ -20,6 +21,8 @@ def _compare(args):
 
     from optcore import compare
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: exists and is not a directory")
     X = y = None
     if args.data is not None:
         try:
@@ -43,7 +46,7 @@ def _compare(args):
         print(compare.format_table(results))
         settings = {k: v for k, v in vars(args).items() if k != "func"}
         compare.write(results, args.out, settings=settings)
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:
         print(f"optcore: error: {exc}", file=sys.stderr)
         return 2
     print(f"\nplots, records (JSON) and table written to {args.out}/")
