@@ -7,6 +7,7 @@ from optcore._kernels._runtime import (
     set_num_threads,
 )
 from optcore import clip, kernels, scaling
+from optcore.batchnorm import BatchNorm
 from optcore.optim import (
     SGD,
     AdaGrad,
@@ -41,6 +42,7 @@ __all__ = [
     "NAdam",
     "StepResult",
     "GradScaler",
+    "BatchNorm",
     "kernels",
     "clip",
     "scaling",

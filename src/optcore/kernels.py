@@ -225,7 +225,7 @@ def nadam_(param, grad, exp_avg, exp_avg_sq, *, step, mu_product=1.0, lr=2e-3, b
 BN_LAYOUTS = ("NC", "NCHW", "NHWC")
 
 
-def bn_geometry(x, layout):
+def _bn_geometry(x, layout):
     """Return ``(rows, C, S, planar)`` of ``x`` in ``layout`` (see ``_batchnorm.pyx``)."""
     if not isinstance(layout, str) or layout not in BN_LAYOUTS:
         raise ValueError(f"layout must be one of {BN_LAYOUTS}, got {layout!r}")
@@ -250,7 +250,9 @@ def bn_geometry(x, layout):
 
 def _bn_channel(name, v, C, *, writeable=False, allow_float64=False):
     """Check a per-channel vector: a 1-D C-contiguous array of C elements."""
-    if allow_float64 and isinstance(v, np.ndarray) and v.dtype == np.float64:
+    if allow_float64 and isinstance(v, np.ndarray):
+        if v.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} must have dtype float64 or float32, got {v.dtype}")
         if v.ndim != 1 or v.shape[0] != C:
             raise ValueError(f"{name} must have shape ({C},) (one value per channel), got {v.shape}")
         return v
@@ -291,10 +293,10 @@ def _bn_eps(eps):
 
 
 def _bn_split(mean):
-    """float64 per-channel values as float32 ``hi + lo`` pairs (``hi`` the nearest float)."""
+    """The float32 shift ``hi`` nearest the float64 ``mean`` and the float64 rest
+    ``mean - hi``, which the callers fold into their per-channel constants."""
     hi = mean.astype(np.float32)
-    lo = (mean - hi.astype(np.float64)).astype(np.float32)
-    return hi, lo
+    return hi, mean - hi
 
 
 def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, running_mean=None,
@@ -361,10 +363,12 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
     -----
     Statistics are accumulated in float64 from float32 partial sums of at most 16 terms,
     around a shift (the channel's first value; taken again around the mean found when the shift
-    lies more than 4 standard deviations away), and :math:`x - \mu` is formed as
-    :math:`(x - \mu_{hi}) - \mu_{lo}` with :math:`\mu` split into two floats. So a channel with
+    lies more than 4 standard deviations away), and ``y`` is formed as
+    :math:`(x - \mu_{hi})\,a + (\beta - \mu_{lo}\,a)` with :math:`\mu_{hi}` the float nearest
+    :math:`\mu` (so :math:`x - \mu_{hi}` is exact near the mean), :math:`\mu_{lo} = \mu -
+    \mu_{hi}` and :math:`a = \gamma r`, the constants computed in float64. So a channel with
     mean :math:`10^4` and standard deviation :math:`10^{-2}` is normalized to :math:`10^{-4}`
-    of a float64 computation, where ``x * a + b`` in float32 would lose everything. Results are
+    of a float64 computation, where ``x * a + b`` in float32 is off by about 0.06. Results are
     bitwise identical for any number of threads.
 
     Examples
@@ -382,7 +386,7 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
     Internal Covariate Shift", ICML 2015; ``torch.nn.functional.batch_norm``.
     """
     ck.float32_buffer("x", x, writeable=False)
-    rows, C, S, planar = bn_geometry(x, layout)
+    rows, C, S, planar = _bn_geometry(x, layout)
     if gamma is not None:
         _bn_channel("gamma", gamma, C)
     if beta is not None:
@@ -407,10 +411,11 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
     var = np.empty(C)
     _bn.stats(x.reshape(-1), rows, C, S, planar, mean, var)
     invstd = 1.0 / np.sqrt(var + eps)
-    a = (invstd if gamma is None else gamma * invstd).astype(np.float32)
-    b = np.zeros(C, np.float32) if beta is None else beta
-    hi, lo = _bn_split(mean)
-    _bn.apply(x.reshape(-1), rows, C, S, planar, hi, lo, a, b, y.reshape(-1))
+    a = invstd if gamma is None else gamma * invstd
+    hi, rest = _bn_split(mean)
+    b = -rest * a if beta is None else beta - rest * a
+    _bn.apply(x.reshape(-1), rows, C, S, planar, hi, a.astype(np.float32), b.astype(np.float32),
+              y.reshape(-1))
     if running_mean is not None:
         running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
         running_var[...] = (1.0 - momentum) * running_var + momentum * (var * (n / (n - 1)))
@@ -463,7 +468,7 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5, 
     ``training=False``.
     """
     ck.float32_buffer("x", x, writeable=False)
-    rows, C, S, planar = bn_geometry(x, layout)
+    rows, C, S, planar = _bn_geometry(x, layout)
     if gamma is not None:
         _bn_channel("gamma", gamma, C)
     if beta is not None:
@@ -475,7 +480,7 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5, 
     _bn_no_alias({"out": y}, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
                               "running_var": running_var})
     _, a, b = _bn_inference_coefs(gamma, beta, running_mean, running_var, eps)
-    _bn.apply(x.reshape(-1), rows, C, S, planar, None, None, a, b, y.reshape(-1))
+    _bn.apply(x.reshape(-1), rows, C, S, planar, None, a, b, y.reshape(-1))
     return y
 
 
@@ -484,7 +489,7 @@ def _bn_backward_buffers(dy, x, gamma, layout, dx, dgamma, dbeta):
     ck.float32_buffer("x", x, writeable=False)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of x {x.shape}, got {dy.shape}")
-    geometry = bn_geometry(x, layout)
+    geometry = _bn_geometry(x, layout)
     C = geometry[1]
     if gamma is not None:
         _bn_channel("gamma", gamma, C)
@@ -557,16 +562,16 @@ def batchnorm_backward(dy, x, gamma, mean, invstd, *, layout="NC", dx=None, dgam
     mean = mean.astype(np.float64)
     invstd = invstd.astype(np.float64)
     n = rows * S
-    hi, lo = _bn_split(mean)
+    hi, rest = _bn_split(mean)
     sum_dy = np.empty(C)
     sum_dy_xmu = np.empty(C)
-    _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, lo, sum_dy,
-                      sum_dy_xmu)
+    _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, sum_dy, sum_dy_xmu)
+    sum_dy_xmu -= rest * sum_dy  # sums of dy * (x - hi) -> dy * (x - mean)
     g = invstd if gamma is None else gamma * invstd
-    k1 = g.astype(np.float32)
-    k2 = (g * invstd * invstd * (sum_dy_xmu / n)).astype(np.float32)
-    k3 = (g * (sum_dy / n)).astype(np.float32)
-    _bn.dx(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, lo, k1, k2, k3, dx.reshape(-1))
+    k2 = g * invstd * invstd * (sum_dy_xmu / n)
+    k3 = g * (sum_dy / n) - rest * k2  # (x - mean) * k2 = (x - hi) * k2 - rest * k2
+    _bn.dx(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, g.astype(np.float32),
+           k2.astype(np.float32), k3.astype(np.float32), dx.reshape(-1))
     if gamma is not None:
         dgamma[...] = sum_dy_xmu * invstd
         dbeta[...] = sum_dy
@@ -608,12 +613,11 @@ def batchnorm_inference_backward(dy, x, gamma, running_mean, running_var, *, eps
                   "running_var": running_var})
     invstd, a, _ = _bn_inference_coefs(gamma, None, running_mean, running_var, eps)
     if gamma is not None:
-        hi, lo = _bn_split(running_mean.astype(np.float64))
         sum_dy = np.empty(C)
         sum_dy_xmu = np.empty(C)
-        _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, lo, sum_dy,
-                          sum_dy_xmu)
-    _bn.apply(dy.reshape(-1), rows, C, S, planar, None, None, a, np.zeros(C, np.float32),
+        _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, running_mean,
+                          sum_dy, sum_dy_xmu)
+    _bn.apply(dy.reshape(-1), rows, C, S, planar, None, a, np.zeros(C, np.float32),
               dx.reshape(-1))
     if gamma is not None:
         dgamma[...] = sum_dy_xmu * invstd

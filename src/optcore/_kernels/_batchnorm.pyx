@@ -20,13 +20,12 @@ cdef extern from "oc_batchnorm.h" nogil:
     int oc_bn_stats_run(const oc_bn_shape *sh, const float *x, double *mean, double *var,
                         const oc_exec *ex)
     int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
-                       const float *hi, const float *lo, double *s1, double *s2,
-                       const oc_exec *ex)
-    void oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi, const float *lo,
-                         const float *a, const float *b, float *y, const oc_exec *ex)
-    void oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x, const float *hi,
-                      const float *lo, const float *k1, const float *k2, const float *k3,
-                      float *dx, const oc_exec *ex)
+                       const float *hi, double *s1, double *s2, const oc_exec *ex)
+    int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi, const float *a,
+                        const float *b, float *y, const oc_exec *ex)
+    int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x, const float *hi,
+                     const float *k1, const float *k2, const float *k3, float *dx,
+                     const oc_exec *ex)
 
 
 cdef inline oc_bn_shape _shape(int64_t rows, int64_t C, int64_t S, bint planar):
@@ -52,41 +51,43 @@ def stats(const float[::1] x, int64_t rows, int64_t C, int64_t S, bint planar,
 
 
 def backward_sums(const float[::1] dy, const float[::1] x, int64_t rows, int64_t C, int64_t S,
-                  bint planar, const float[::1] hi, const float[::1] lo, double[::1] sum_dy,
-                  double[::1] sum_dy_xmu):
-    """``sum(dy)`` and ``sum(dy * ((x - hi) - lo))`` per channel, in one read pass."""
+                  bint planar, const float[::1] hi, double[::1] sum_dy, double[::1] sum_dy_xmu):
+    """``sum(dy)`` and ``sum(dy * (x - hi))`` per channel, in one read pass."""
     cdef oc_bn_shape sh = _shape(rows, C, S, planar)
     cdef oc_exec ex = exec_begin(rows * C * S)
     cdef int rc
     with nogil:
-        rc = oc_bn_sums_run(1, &sh, &x[0], &dy[0], &hi[0], &lo[0], &sum_dy[0], &sum_dy_xmu[0], &ex)
+        rc = oc_bn_sums_run(1, &sh, &x[0], &dy[0], &hi[0], &sum_dy[0], &sum_dy_xmu[0], &ex)
     exec_end(ex)
     if rc != 0:
         raise MemoryError("batch-norm backward: out of memory for the partial sums")
 
 
 def apply(const float[::1] x, int64_t rows, int64_t C, int64_t S, bint planar,
-          const float[::1] hi, const float[::1] lo, const float[::1] a, const float[::1] b,
-          float[::1] y):
-    """``y = ((x - hi) - lo) * a + b`` per channel, or ``y = x * a + b`` when hi is None."""
+          const float[::1] hi, const float[::1] a, const float[::1] b, float[::1] y):
+    """``y = (x - hi) * a + b`` per channel, or ``y = x * a + b`` when hi is None."""
     cdef oc_bn_shape sh = _shape(rows, C, S, planar)
     cdef const float *ph = NULL
-    cdef const float *pl = NULL
     if hi is not None:
         ph = &hi[0]
-        pl = &lo[0]
     cdef oc_exec ex = exec_begin(rows * C * S)
+    cdef int rc
     with nogil:
-        oc_bn_apply_run(&sh, &x[0], ph, pl, &a[0], &b[0], &y[0], &ex)
+        rc = oc_bn_apply_run(&sh, &x[0], ph, &a[0], &b[0], &y[0], &ex)
     exec_end(ex)
+    if rc != 0:
+        raise MemoryError("batch-norm: out of memory for the per-channel coefficient tiles")
 
 
 def dx(const float[::1] dy, const float[::1] x, int64_t rows, int64_t C, int64_t S, bint planar,
-       const float[::1] hi, const float[::1] lo, const float[::1] k1, const float[::1] k2,
-       const float[::1] k3, float[::1] out):
-    """``dx = dy * k1 - ((x - hi) - lo) * k2 - k3`` per channel."""
+       const float[::1] hi, const float[::1] k1, const float[::1] k2, const float[::1] k3,
+       float[::1] out):
+    """``dx = dy * k1 - (x - hi) * k2 - k3`` per channel."""
     cdef oc_bn_shape sh = _shape(rows, C, S, planar)
     cdef oc_exec ex = exec_begin(rows * C * S)
+    cdef int rc
     with nogil:
-        oc_bn_dx_run(&sh, &dy[0], &x[0], &hi[0], &lo[0], &k1[0], &k2[0], &k3[0], &out[0], &ex)
+        rc = oc_bn_dx_run(&sh, &dy[0], &x[0], &hi[0], &k1[0], &k2[0], &k3[0], &out[0], &ex)
     exec_end(ex)
+    if rc != 0:
+        raise MemoryError("batch-norm backward: out of memory for the per-channel coefficient tiles")

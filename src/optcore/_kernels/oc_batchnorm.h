@@ -8,30 +8,39 @@
  * Reductions (per-channel sums) run over fixed work items that do not depend on the thread
  * count, each writing its own float64 partials; partials are combined per channel in item order,
  * so results are bitwise identical for 1 and N threads.
- *   - rows: an item is a block of OC_BN_ITEM / C rows (at least OC_BN_RB); inside it, blocks of
- *     OC_BN_RB rows accumulate per channel in float32 (channel tiles of OC_BN_CT on the stack),
- *     then fold into the item's float64 partials.
- *   - planar: an item is one channel over a block of planes (about OC_CHUNK elements); inside
- *     it, 16 float32 lanes accumulate blocks of OC_BN_BLOCK elements, then fold into 16 float64
- *     lanes, summed in lane order at the end of the item.
+ *   - rows: rows are grouped in tiles of kr = max(1, OC_BN_TILE / C) rows, each swept as one
+ *     flat run of kr*C elements against per-channel vectors replicated kr times (long,
+ *     branch-free inner loops even for small C). An item is a fixed number of tiles (about
+ *     OC_BN_ITEM elements); inside it, blocks of a few tiles accumulate down the tiles in
+ *     float32 registers, 16 tile positions at a time, folding into a float64 scratch tile that
+ *     ends in the item's per-channel partials.
+ *   - planar: an item is a run of consecutive planes in memory order (about OC_CHUNK elements;
+ *     a plane larger than OC_CHUNK is cut into segments of OC_CHUNK, one per item), so memory is
+ *     streamed even when planes are small (14x14). Inside a plane, 16 float32 lanes accumulate
+ *     blocks of OC_BN_BLOCK elements and fold into 16 float64 lanes, summed in a fixed pairwise
+ *     order at the end of the plane into the item's partial for that plane's channel.
  * Every float32 partial therefore sums at most 16 terms before it reaches float64.
  *
- * Centering: a value is centered as d = (x - hi) - lo with hi + lo a float64 shift split into two
- * floats, so that x - mean keeps its accuracy when |mean| >> std (x - hi is exact near hi).
+ * Centering: kernels see a float shift hi per channel and work on d = x - hi, exact for x within
+ * a factor 2 of hi (Sterbenz). With hi the float nearest the float64 mean, the caller folds the
+ * remainder mean - hi into per-channel float64 constants, so x - mean keeps its accuracy when
+ * |mean| >> std.
  *
- * Element-wise sweeps run in parallel over rows (rows layout) or planes (planar layout).
+ * Element-wise sweeps run in parallel over row tiles (rows layout) or plane segments (planar).
  * Every parallel driver is compiled for AVX-512, AVX2 and baseline x86-64 (OC_CLONES).
  */
 #ifndef OC_BATCHNORM_H
 #define OC_BATCHNORM_H
 
 #include <stdlib.h>
+#include <string.h>
 #include "oc_common.h"
 
 #define OC_BN_LANES 16
 #define OC_BN_BLOCK 256     /* elements a float32 lane block holds before folding (16 per lane) */
-#define OC_BN_RB 16         /* rows per float32 block in the rows layout */
-#define OC_BN_CT 256        /* channels per stack tile in the rows layout */
+#define OC_BN_RB 16         /* rows layout: tiles per work item are a multiple of this */
+#define OC_BN_STREAMS 8     /* rows layout: tiles (input streams) read side by side */
+#define OC_BN_TILE 1024     /* elements per row tile (at least one row) in the rows layout */
 #define OC_BN_ITEM 65536    /* elements per reduction work item in the rows layout */
 #define OC_BN_SHIFT_RATIO 4.0  /* redo the statistics when |mean - shift| > 4 std */
 #define OC_AI static inline __attribute__((always_inline))
@@ -45,7 +54,8 @@ typedef struct {
 
 static inline int64_t oc_bn_total(const oc_bn_shape *sh) { return sh->rows * sh->C * sh->S; }
 
-/* Run the body (the variadic part) for i in [0, n), statically split over the team when the call is large enough. */
+/* Run the body (the variadic part) for i in [0, n), statically split over the team when the
+ * call is large enough, each thread with flush-to-zero as asked. */
 #define OC_BN_FOR(ex, total, i, n, ...)                                           \
     do {                                                                          \
         int oc_nt_ = oc_team_size((ex), (total));                                 \
@@ -66,104 +76,218 @@ static inline int64_t oc_bn_total(const oc_bn_shape *sh) { return sh->rows * sh-
 
 /* ---- per-element math ------------------------------------------------------------------ */
 
-OC_AI float oc_bn_center(float x, float hi, float lo) { return (x - hi) - lo; }
-
-/* The two sums of a reduction: mode 0 (statistics) d and d*d; mode 1 (backward) dy and dy*d. */
-OC_AI void oc_bn_terms(int mode, float x, float dy, float hi, float lo, float *v1, float *v2) {
-    float d = oc_bn_center(x, hi, lo);
+/* The two sums of a reduction, with d = x - hi: mode 0 (statistics) d and d*d; mode 1
+ * (backward) dy and dy*d. */
+OC_AI void oc_bn_terms(int mode, float x, float dy, float hi, float *v1, float *v2) {
+    float d = x - hi;
     if (mode == 0) { *v1 = d; *v2 = d * d; }
     else { *v1 = dy; *v2 = dy * d; }
 }
 
 /* ---- reductions ------------------------------------------------------------------------ */
 
-/* Add the sums of one contiguous run of n elements (one channel) to 16 float64 lanes. */
-OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, float hi, float lo,
-                          double *f1, double *f2) {
+/* 16 float32 lanes as one GCC vector: the target_clones variants lower it to their registers
+ * (one zmm, two ymm, four xmm), so the lanes stay in registers across a block. Each block folds
+ * into 16 float64 lanes (two 8-double vectors), also kept in registers. */
+typedef float oc_v16f __attribute__((vector_size(64)));
+typedef float oc_v8f __attribute__((vector_size(32)));
+typedef double oc_v8d __attribute__((vector_size(64)));
+
+/* Vectors wider than the baseline registers travel through pointers, never by value (no ABI
+ * differences between the clones); everything here is inlined anyway. */
+#define OC_V16_LOAD(v, p) memcpy(&(v), (p), sizeof(oc_v16f))
+
+/* Float64 lanes of the two sums: lanes 0-7 in [0], 8-15 in [1]. */
+typedef struct { oc_v8d s1[2], s2[2]; } oc_bn_lanes;
+
+OC_AI void oc_bn_fold(oc_v8d *f, const oc_v16f *l) {
+    oc_v8f lo, hi;
+    memcpy(&lo, l, sizeof lo);
+    memcpy(&hi, (const char *)l + sizeof lo, sizeof hi);
+    f[0] += __builtin_convertvector(lo, oc_v8d);
+    f[1] += __builtin_convertvector(hi, oc_v8d);
+}
+
+/* The 16 lanes summed in a fixed pairwise order. */
+OC_AI double oc_bn_lane_sum(const oc_v8d *f) {
+    oc_v8d a = f[0] + f[1];
+    double b0 = a[0] + a[4], b1 = a[1] + a[5], b2 = a[2] + a[6], b3 = a[3] + a[7];
+    return (b0 + b2) + (b1 + b3);
+}
+
+/* Add the sums of one contiguous run of n elements (one channel) to the float64 lanes. */
+OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, float hi,
+                          oc_bn_lanes *F) {
+    const oc_v16f vh = hi - (oc_v16f){0};
     int64_t i = 0;
     while (i + OC_BN_LANES <= n) {
-        float l1[OC_BN_LANES], l2[OC_BN_LANES];
-        for (int j = 0; j < OC_BN_LANES; j++) { l1[j] = 0.0f; l2[j] = 0.0f; }
+        oc_v16f l1 = {0}, l2 = {0};
         int64_t end = i + OC_BN_BLOCK;
         if (end > n) end = i + ((n - i) / OC_BN_LANES) * OC_BN_LANES;
         if (mode == 0) {
-            for (; i < end; i += OC_BN_LANES)
-                for (int j = 0; j < OC_BN_LANES; j++) {
-                    float d = oc_bn_center(x[i + j], hi, lo);
-                    l1[j] += d;
-                    l2[j] += d * d;
-                }
+            for (; i < end; i += OC_BN_LANES) {
+                oc_v16f d;
+                OC_V16_LOAD(d, x + i);
+                d = d - vh;
+                l1 += d;
+                l2 += d * d;
+            }
         } else {
-            for (; i < end; i += OC_BN_LANES)
-                for (int j = 0; j < OC_BN_LANES; j++) {
-                    float d = oc_bn_center(x[i + j], hi, lo);
-                    l1[j] += dy[i + j];
-                    l2[j] += dy[i + j] * d;
-                }
+            for (; i < end; i += OC_BN_LANES) {
+                oc_v16f d, g;
+                OC_V16_LOAD(d, x + i);
+                OC_V16_LOAD(g, dy + i);
+                d = d - vh;
+                l1 += g;
+                l2 += g * d;
+            }
         }
-        for (int j = 0; j < OC_BN_LANES; j++) { f1[j] += (double)l1[j]; f2[j] += (double)l2[j]; }
+        oc_bn_fold(F->s1, &l1);
+        oc_bn_fold(F->s2, &l2);
     }
-    for (int j = 0; i < n; i++, j++) {
-        float v1, v2;
-        oc_bn_terms(mode, x[i], dy == NULL ? 0.0f : dy[i], hi, lo, &v1, &v2);
-        f1[j] += (double)v1;
-        f2[j] += (double)v2;
+    if (i < n) {  /* tail of < 16 elements: one float32 block padded with zeros */
+        oc_v16f l1 = {0}, l2 = {0};
+        for (int j = 0; i < n; i++, j++) {
+            float v1, v2;
+            oc_bn_terms(mode, x[i], dy == NULL ? 0.0f : dy[i], hi, &v1, &v2);
+            l1[j] = v1;
+            l2[j] = v2;
+        }
+        oc_bn_fold(F->s1, &l1);
+        oc_bn_fold(F->s2, &l2);
     }
 }
 
-/* Rows layout: sums over rows [r0, r1) into p1[C], p2[C] (float64, zeroed here). */
+/* Rows layout: rows per tile, and per-channel vectors replicated over a tile. */
+static inline int64_t oc_bn_tile_rows(int64_t C) {
+    int64_t k = OC_BN_TILE / (C > 0 ? C : 1);
+    return k < 1 ? 1 : k;
+}
+
+/* A malloc'ed copy of v[C] repeated kr times (NULL when v is NULL or out of memory; *fail is
+ * set in the second case). */
+static float *oc_bn_replicate(const float *v, int64_t C, int64_t kr, int *fail) {
+    if (v == NULL) return NULL;
+    float *t = (float *)malloc(sizeof(float) * (size_t)(kr * C));
+    if (t == NULL) { *fail = 1; return NULL; }
+    for (int64_t k = 0; k < kr; k++) memcpy(t + k * C, v, sizeof(float) * (size_t)C);
+    return t;
+}
+
+/* Add the float32 lanes l to the 16 float64 values at d (any alignment). */
+OC_AI void oc_bn_fold_to(double *d, const oc_v16f *l) {
+    oc_v8d f[2];
+    memcpy(f, d, sizeof f);
+    oc_bn_fold(f, l);
+    memcpy(d, f, sizeof f);
+}
+
+/* Rows layout: sums over rows [r0, r1) into p1[C], p2[C] (float64). hi is replicated over a tile
+ * of kr rows (T = kr*C elements); d1, d2 are float64 scratch tiles of T elements.
+ *
+ * Blocks of OC_BN_STREAMS / (number of inputs) whole tiles are swept 16 tile positions at a time:
+ * the float32 lanes of those positions accumulate down the block's tiles in registers (one term
+ * per tile, so at most 8 terms), then fold into d1, d2. Reading 8 tiles side by side keeps 8
+ * memory streams in flight, which measured faster than 4 or 16. Positions past the last multiple
+ * of 16, and a last partial tile (at the end of the tensor), go through scalar code with the
+ * same float32-then-float64 structure. At the end, tile position k*C + c folds into channel c in
+ * order of k. */
 OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
-                           const float *hi, const float *lo, int64_t r0, int64_t r1,
-                           double *p1, double *p2) {
-    const int64_t C = sh->C;
-    for (int64_t c = 0; c < C; c++) { p1[c] = 0.0; p2[c] = 0.0; }
-    for (int64_t rb = r0; rb < r1; rb += OC_BN_RB) {
-        int64_t rbe = rb + OC_BN_RB < r1 ? rb + OC_BN_RB : r1;
-        for (int64_t ct = 0; ct < C; ct += OC_BN_CT) {
-            int64_t w = C - ct < OC_BN_CT ? C - ct : OC_BN_CT;
-            float a1[OC_BN_CT], a2[OC_BN_CT];
-            for (int64_t j = 0; j < w; j++) { a1[j] = 0.0f; a2[j] = 0.0f; }
-            const float *h = hi + ct, *l = lo + ct;
+                           const float *hi, int64_t kr, int64_t r0, int64_t r1,
+                           double *p1, double *p2, double *d1, double *d2) {
+    const int64_t C = sh->C, T = kr * C, T16 = (T / OC_BN_LANES) * OC_BN_LANES;
+    const int64_t block = (mode == 0 ? OC_BN_STREAMS : OC_BN_STREAMS / 2) * kr;  /* rows */
+    for (int64_t i = 0; i < T; i++) { d1[i] = 0.0; d2[i] = 0.0; }
+    for (int64_t rb = r0; rb < r1; rb += block) {
+        const int64_t rbe = rb + block < r1 ? rb + block : r1;
+        const int64_t nfull = (rbe - rb) / kr, rem = (rbe - rb) - nfull * kr;
+        const float *xb = x + rb * C, *gb = dy == NULL ? NULL : dy + rb * C;
+        for (int64_t i = 0; i < T16; i += OC_BN_LANES) {
+            oc_v16f h, l1 = {0}, l2 = {0};
+            OC_V16_LOAD(h, hi + i);
             if (mode == 0) {
-                for (int64_t r = rb; r < rbe; r++) {
-                    const float *xr = x + r * C + ct;
-                    for (int64_t j = 0; j < w; j++) {
-                        float d = oc_bn_center(xr[j], h[j], l[j]);
-                        a1[j] += d;
-                        a2[j] += d * d;
-                    }
+                for (int64_t t = 0; t < nfull; t++) {
+                    oc_v16f v;
+                    OC_V16_LOAD(v, xb + t * T + i);
+                    v = v - h;
+                    l1 += v;
+                    l2 += v * v;
                 }
             } else {
-                for (int64_t r = rb; r < rbe; r++) {
-                    const float *xr = x + r * C + ct, *gr = dy + r * C + ct;
-                    for (int64_t j = 0; j < w; j++) {
-                        float d = oc_bn_center(xr[j], h[j], l[j]);
-                        a1[j] += gr[j];
-                        a2[j] += gr[j] * d;
-                    }
+                for (int64_t t = 0; t < nfull; t++) {
+                    oc_v16f v, g;
+                    OC_V16_LOAD(v, xb + t * T + i);
+                    OC_V16_LOAD(g, gb + t * T + i);
+                    v = v - h;
+                    l1 += g;
+                    l2 += g * v;
                 }
             }
-            for (int64_t j = 0; j < w; j++) { p1[ct + j] += (double)a1[j]; p2[ct + j] += (double)a2[j]; }
+            oc_bn_fold_to(d1 + i, &l1);
+            oc_bn_fold_to(d2 + i, &l2);
+        }
+        for (int64_t i = T16; i < T; i++) {
+            float s1 = 0.0f, s2 = 0.0f;
+            for (int64_t t = 0; t < nfull; t++) {
+                float v1, v2;
+                oc_bn_terms(mode, xb[t * T + i], gb == NULL ? 0.0f : gb[t * T + i], hi[i], &v1, &v2);
+                s1 += v1;
+                s2 += v2;
+            }
+            d1[i] += (double)s1;
+            d2[i] += (double)s2;
+        }
+        for (int64_t i = 0; i < rem * C; i++) {  /* the tensor's last, partial tile */
+            float v1, v2;
+            const int64_t at = nfull * T + i;
+            oc_bn_terms(mode, xb[at], gb == NULL ? 0.0f : gb[at], hi[i], &v1, &v2);
+            d1[i] += (double)v1;
+            d2[i] += (double)v2;
         }
     }
+    for (int64_t c = 0; c < C; c++) { p1[c] = 0.0; p2[c] = 0.0; }
+    for (int64_t k = 0; k < kr; k++)
+        for (int64_t c = 0; c < C; c++) { p1[c] += d1[k * C + c]; p2[c] += d2[k * C + c]; }
+}
+
+/* Planar layout: a plane of S elements is cut into segments of at most OC_CHUNK elements, so that
+ * a few large planes still spread over the threads. Segment s of plane p (= n * C + c) starts at
+ * *off and holds *len elements. */
+static inline int64_t oc_bn_segments(int64_t S) { return S > OC_CHUNK ? (S + OC_CHUNK - 1) / OC_CHUNK : 1; }
+
+OC_AI void oc_bn_unit(const oc_bn_shape *sh, int64_t segs, int64_t p, int64_t seg, int64_t *off,
+                      int64_t *len) {
+    const int64_t start = segs > 1 ? seg * OC_CHUNK : 0;
+    const int64_t rest = sh->S - start;
+    *off = p * sh->S + start;
+    *len = segs > 1 && rest > OC_CHUNK ? OC_CHUNK : rest;
 }
 
 /* Per-channel sums s1[c], s2[c] (float64) of mode 0 (d, d*d) or mode 1 (dy, dy*d), with
- * d = (x - hi[c]) - lo[c]. dy is only read in mode 1. Returns 0, or -1 when out of memory. */
+ * d = x - hi[c]. dy is only read in mode 1. Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
-                                    const float *hi, const float *lo, double *s1, double *s2,
-                                    const oc_exec *ex) {
+                                    const float *hi, double *s1, double *s2, const oc_exec *ex) {
     const int64_t C = sh->C, total = oc_bn_total(sh);
     if (!sh->planar) {
-        int64_t R = OC_BN_ITEM / (C > 0 ? C : 1);
-        R = R < OC_BN_RB ? OC_BN_RB : (R / OC_BN_RB) * OC_BN_RB;
+        const int64_t kr = oc_bn_tile_rows(C), T = kr * C;
+        int64_t R = (OC_BN_ITEM / T / OC_BN_RB) * OC_BN_RB;  /* tiles per item */
+        R = (R < OC_BN_RB ? OC_BN_RB : R) * kr;              /* rows per item */
         const int64_t items = (sh->rows + R - 1) / R;
+        int fail = 0;
+        float *H = oc_bn_replicate(hi, C, kr, &fail);
         double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items * C + 1));
-        if (part == NULL) return -1;
+        double *scratch = (double *)malloc(sizeof(double) * (size_t)(2 * items * T + 1));
+        if (fail || part == NULL || scratch == NULL) {
+            free(H); free(part); free(scratch);
+            return -1;
+        }
         OC_BN_FOR(ex, total, it, items, {
             int64_t r0 = it * R, r1 = r0 + R < sh->rows ? r0 + R : sh->rows;
-            oc_bn_rows_item(mode, sh, x, dy, hi, lo, r0, r1, part + 2 * it * C, part + (2 * it + 1) * C);
+            oc_bn_rows_item(mode, sh, x, dy, H, kr, r0, r1, part + 2 * it * C,
+                            part + (2 * it + 1) * C, scratch + 2 * it * T, scratch + (2 * it + 1) * T);
         });
+        free(H);
+        free(scratch);
         for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
         for (int64_t it = 0; it < items; it++) {
             const double *p1 = part + 2 * it * C, *p2 = p1 + C;
@@ -172,42 +296,34 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
         free(part);
         return 0;
     }
-    const int64_t S = sh->S, N = sh->rows;
-    int64_t nb = OC_CHUNK / (S > 0 ? S : 1);
+    const int64_t S = sh->S, segs = oc_bn_segments(S);
+    int64_t nb = segs > 1 ? 1 : OC_CHUNK / (S > 0 ? S : 1);  /* units (plane segments) per item */
     if (nb < 1) nb = 1;
-    const int64_t per_c = (N + nb - 1) / nb;
-    const int64_t items = per_c * C;
-    double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items + 1));
+    const int64_t units = sh->rows * C * segs;  /* in memory order */
+    const int64_t items = (units + nb - 1) / nb;
+    double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items * C + 1));
     if (part == NULL) return -1;
     OC_BN_FOR(ex, total, it, items, {
-        const int64_t c = it / per_c, k = it % per_c;
-        const int64_t n0 = k * nb, n1 = n0 + nb < N ? n0 + nb : N;
-        double f1[OC_BN_LANES], f2[OC_BN_LANES];
-        for (int j = 0; j < OC_BN_LANES; j++) { f1[j] = 0.0; f2[j] = 0.0; }
-        for (int64_t n = n0; n < n1; n++) {
-            const int64_t off = (n * C + c) * S;
-            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, S, hi[c], lo[c], f1, f2);
+        double *p1 = part + 2 * it * C, *p2 = p1 + C;
+        for (int64_t c = 0; c < C; c++) { p1[c] = 0.0; p2[c] = 0.0; }
+        const int64_t u1 = (it + 1) * nb < units ? (it + 1) * nb : units;
+        for (int64_t u = it * nb; u < u1; u++) {
+            const int64_t p = u / segs, c = p % C;
+            int64_t off, len;
+            oc_bn_unit(sh, segs, p, u % segs, &off, &len);
+            oc_bn_lanes F = {{{0}, {0}}, {{0}, {0}}};
+            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, len, hi[c], &F);
+            p1[c] += oc_bn_lane_sum(F.s1);
+            p2[c] += oc_bn_lane_sum(F.s2);
         }
-        double t1 = 0.0, t2 = 0.0;
-        for (int j = 0; j < OC_BN_LANES; j++) { t1 += f1[j]; t2 += f2[j]; }
-        part[2 * it] = t1;
-        part[2 * it + 1] = t2;
     });
-    for (int64_t c = 0; c < C; c++) {
-        double t1 = 0.0, t2 = 0.0;
-        for (int64_t k = 0; k < per_c; k++) { t1 += part[2 * (c * per_c + k)]; t2 += part[2 * (c * per_c + k) + 1]; }
-        s1[c] = t1;
-        s2[c] = t2;
+    for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
+    for (int64_t it = 0; it < items; it++) {
+        const double *p1 = part + 2 * it * C, *p2 = p1 + C;
+        for (int64_t c = 0; c < C; c++) { s1[c] += p1[c]; s2[c] += p2[c]; }
     }
     free(part);
     return 0;
-}
-
-/* Split a float64 value into hi + lo floats (hi the nearest float, lo the rest rounded). */
-static inline void oc_bn_split(double v, float *hi, float *lo) {
-    float h = (float)v;
-    *hi = h;
-    *lo = (float)(v - (double)h);
 }
 
 /* Training statistics: per-channel mean and biased variance (float64, variance >= 0).
@@ -216,102 +332,127 @@ static inline void oc_bn_split(double v, float *hi, float *lo) {
  * mean = K + sum(d)/n and var = sum(d^2)/n - (sum(d)/n)^2. The float32 partials (at most 16
  * terms) carry a relative error of about 1e-6 of sum(d^2), which the subtraction amplifies by
  * 1 + ((mean - K)/std)^2; so when a channel's shift lies more than OC_BN_SHIFT_RATIO standard
- * deviations from its mean, the sums are taken again around the mean just found (a second pass,
- * only then), which bounds the relative error of the variance by about 2e-5 in the worst case.
- * Returns 0, or -1 when out of memory. */
+ * deviations from its mean, the sums are taken again around the float nearest the mean just
+ * found (a second pass, only then), which bounds the relative error of the variance by about
+ * 2e-5 in the worst case. Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_stats_run(const oc_bn_shape *sh, const float *x, double *mean, double *var,
                                      const oc_exec *ex) {
     const int64_t C = sh->C;
     const double n = (double)(sh->rows * sh->S);
-    float *shift = (float *)malloc(sizeof(float) * (size_t)(2 * C + 1));
+    float *hi = (float *)malloc(sizeof(float) * (size_t)(C + 1));
     double *s = (double *)malloc(sizeof(double) * (size_t)(2 * C + 1));
-    if (shift == NULL || s == NULL) { free(shift); free(s); return -1; }
-    float *hi = shift, *lo = shift + C;
-    for (int64_t c = 0; c < C; c++) {
-        hi[c] = sh->planar ? x[c * sh->S] : x[c];
-        lo[c] = 0.0f;
-    }
+    if (hi == NULL || s == NULL) { free(hi); free(s); return -1; }
+    for (int64_t c = 0; c < C; c++) hi[c] = sh->planar ? x[c * sh->S] : x[c];
     for (int pass = 0; pass < 2; pass++) {
-        if (oc_bn_sums_run(0, sh, x, NULL, hi, lo, s, s + C, ex) != 0) { free(shift); free(s); return -1; }
+        if (oc_bn_sums_run(0, sh, x, NULL, hi, s, s + C, ex) != 0) { free(hi); free(s); return -1; }
         int again = 0;
         for (int64_t c = 0; c < C; c++) {
             double m1 = s[c] / n, v = s[C + c] / n - m1 * m1;
             v = v < 0.0 ? 0.0 : v;  /* NaN passes */
-            mean[c] = ((double)hi[c] + (double)lo[c]) + m1;
+            mean[c] = (double)hi[c] + m1;
             var[c] = v;
             if (m1 * m1 > OC_BN_SHIFT_RATIO * OC_BN_SHIFT_RATIO * v) again = 1;
         }
         if (!again) break;
-        for (int64_t c = 0; c < C; c++) oc_bn_split(mean[c], &hi[c], &lo[c]);
+        for (int64_t c = 0; c < C; c++) hi[c] = (float)mean[c];
     }
-    free(shift);
+    free(hi);
     free(s);
     return 0;
 }
 
 /* ---- element-wise sweeps --------------------------------------------------------------- */
 
-/* y = ((x - hi[c]) - lo[c]) * a[c] + b[c]; with hi = lo = NULL, y = x * a[c] + b[c]. */
-OC_CLONES static void oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi,
-                                      const float *lo, const float *a, const float *b, float *y,
-                                      const oc_exec *ex) {
+/* y = (x - hi[c]) * a[c] + b[c]; with hi = NULL, y = x * a[c] + b[c].
+ * Returns 0, or -1 when out of memory. */
+OC_CLONES static int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi,
+                                     const float *a, const float *b, float *y, const oc_exec *ex) {
     const int64_t C = sh->C, S = sh->S, total = oc_bn_total(sh);
     if (!sh->planar) {
-        if (hi == NULL) {
-            OC_BN_FOR(ex, total, r, sh->rows, {
-                const float *xr = x + r * C;
-                float *yr = y + r * C;
-                for (int64_t j = 0; j < C; j++) yr[j] = xr[j] * a[j] + b[j];
-            });
-        } else {
-            OC_BN_FOR(ex, total, r, sh->rows, {
-                const float *xr = x + r * C;
-                float *yr = y + r * C;
-                for (int64_t j = 0; j < C; j++) yr[j] = oc_bn_center(xr[j], hi[j], lo[j]) * a[j] + b[j];
-            });
+        const int64_t kr = oc_bn_tile_rows(C), ntiles = (sh->rows + kr - 1) / kr;
+        int fail = 0;
+        float *A = oc_bn_replicate(a, C, kr, &fail), *B = oc_bn_replicate(b, C, kr, &fail);
+        float *H = oc_bn_replicate(hi, C, kr, &fail);
+        if (!fail) {
+            if (hi == NULL) {
+                OC_BN_FOR(ex, total, t, ntiles, {
+                    const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
+                    const float *xt = x + r0 * C;
+                    float *yt = y + r0 * C;
+                    for (int64_t i = 0; i < n; i++) yt[i] = xt[i] * A[i] + B[i];
+                });
+            } else {
+                OC_BN_FOR(ex, total, t, ntiles, {
+                    const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
+                    const float *xt = x + r0 * C;
+                    float *yt = y + r0 * C;
+                    for (int64_t i = 0; i < n; i++) yt[i] = (xt[i] - H[i]) * A[i] + B[i];
+                });
+            }
         }
-        return;
+        free(A); free(B); free(H);
+        return fail ? -1 : 0;
     }
+    const int64_t segs = oc_bn_segments(S);
     if (hi == NULL) {
-        OC_BN_FOR(ex, total, p, sh->rows * C, {
-            const int64_t c = p % C;
+        OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
+            const int64_t p = u / segs, c = p % C;
+            int64_t off, len;
+            oc_bn_unit(sh, segs, p, u % segs, &off, &len);
             const float ac = a[c], bc = b[c];
-            const float *xp = x + p * S;
-            float *yp = y + p * S;
-            for (int64_t i = 0; i < S; i++) yp[i] = xp[i] * ac + bc;
+            const float *xp = x + off;
+            float *yp = y + off;
+            for (int64_t i = 0; i < len; i++) yp[i] = xp[i] * ac + bc;
         });
     } else {
-        OC_BN_FOR(ex, total, p, sh->rows * C, {
-            const int64_t c = p % C;
-            const float hc = hi[c], lc = lo[c], ac = a[c], bc = b[c];
-            const float *xp = x + p * S;
-            float *yp = y + p * S;
-            for (int64_t i = 0; i < S; i++) yp[i] = oc_bn_center(xp[i], hc, lc) * ac + bc;
+        OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
+            const int64_t p = u / segs, c = p % C;
+            int64_t off, len;
+            oc_bn_unit(sh, segs, p, u % segs, &off, &len);
+            const float hc = hi[c], ac = a[c], bc = b[c];
+            const float *xp = x + off;
+            float *yp = y + off;
+            for (int64_t i = 0; i < len; i++) yp[i] = (xp[i] - hc) * ac + bc;
         });
     }
+    return 0;
 }
 
-/* Training backward, second pass: dx = dy * k1[c] - ((x - hi[c]) - lo[c]) * k2[c] - k3[c]. */
-OC_CLONES static void oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x,
-                                   const float *hi, const float *lo, const float *k1,
-                                   const float *k2, const float *k3, float *dx, const oc_exec *ex) {
+/* Training backward, second pass: dx = dy * k1[c] - (x - hi[c]) * k2[c] - k3[c].
+ * Returns 0, or -1 when out of memory. */
+OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x,
+                                  const float *hi, const float *k1, const float *k2,
+                                  const float *k3, float *dx, const oc_exec *ex) {
     const int64_t C = sh->C, S = sh->S, total = oc_bn_total(sh);
     if (!sh->planar) {
-        OC_BN_FOR(ex, total, r, sh->rows, {
-            const float *xr = x + r * C, *gr = dy + r * C;
-            float *dr = dx + r * C;
-            for (int64_t j = 0; j < C; j++)
-                dr[j] = (gr[j] * k1[j] - oc_bn_center(xr[j], hi[j], lo[j]) * k2[j]) - k3[j];
-        });
-        return;
+        const int64_t kr = oc_bn_tile_rows(C), ntiles = (sh->rows + kr - 1) / kr;
+        int fail = 0;
+        float *H = oc_bn_replicate(hi, C, kr, &fail);
+        float *K1 = oc_bn_replicate(k1, C, kr, &fail), *K2 = oc_bn_replicate(k2, C, kr, &fail);
+        float *K3 = oc_bn_replicate(k3, C, kr, &fail);
+        if (!fail) {
+            OC_BN_FOR(ex, total, t, ntiles, {
+                const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
+                const float *xt = x + r0 * C, *gt = dy + r0 * C;
+                float *dt = dx + r0 * C;
+                for (int64_t i = 0; i < n; i++)
+                    dt[i] = (gt[i] * K1[i] - (xt[i] - H[i]) * K2[i]) - K3[i];
+            });
+        }
+        free(H); free(K1); free(K2); free(K3);
+        return fail ? -1 : 0;
     }
-    OC_BN_FOR(ex, total, p, sh->rows * C, {
-        const int64_t c = p % C;
-        const float hc = hi[c], lc = lo[c], a = k1[c], b = k2[c], e = k3[c];
-        const float *xp = x + p * S, *gp = dy + p * S;
-        float *dp = dx + p * S;
-        for (int64_t i = 0; i < S; i++) dp[i] = (gp[i] * a - oc_bn_center(xp[i], hc, lc) * b) - e;
+    const int64_t segs = oc_bn_segments(S);
+    OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
+        const int64_t p = u / segs, c = p % C;
+        int64_t off, len;
+        oc_bn_unit(sh, segs, p, u % segs, &off, &len);
+        const float hc = hi[c], a = k1[c], b = k2[c], e = k3[c];
+        const float *xp = x + off, *gp = dy + off;
+        float *dp = dx + off;
+        for (int64_t i = 0; i < len; i++) dp[i] = (gp[i] * a - (xp[i] - hc) * b) - e;
     });
+    return 0;
 }
 
 #endif /* OC_BATCHNORM_H */
