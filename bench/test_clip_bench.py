@@ -82,6 +82,15 @@ def info(benchmark, arrays, bytes_per_element, pattern):
     )
 
 
+def run(benchmark, fn, *args, **kwargs):
+    """Benchmark ``fn`` and record GB/s (bytes moved / best time) in ``extra_info``."""
+    out = benchmark(fn, *args, **kwargs)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and stats.stats.min > 0:
+        benchmark.extra_info["GB/s"] = benchmark.extra_info["bytes"] / stats.stats.min / 1e9
+    return out
+
+
 # ---- global norm -------------------------------------------------------------------------
 
 
@@ -90,7 +99,7 @@ def test_norm_optcore(benchmark, case):
     g = make_grads(CASES[case])
     benchmark.group = f"global-norm-{case}"
     info(benchmark, g, 4, "sumsq")
-    benchmark(clip.global_norm, g)
+    run(benchmark, clip.global_norm, g)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -100,7 +109,7 @@ def test_norm_optcore_arena(benchmark, case):
         params.grads[n] = a
     benchmark.group = f"global-norm-{case}"
     info(benchmark, [params.grads[n] for n in params], 4, "sumsq")
-    benchmark(clip.global_norm, params.grads)
+    run(benchmark, clip.global_norm, params.grads)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -109,7 +118,7 @@ def test_norm_numpy_loop(benchmark, case):
     benchmark.group = f"global-norm-{case}"
     info(benchmark, g, 4, "sumsq")
     flat = [a.reshape(-1) for a in g]
-    benchmark(lambda: math.sqrt(sum(float(np.dot(a, a)) for a in flat)))
+    run(benchmark, lambda: math.sqrt(sum(float(np.dot(a, a)) for a in flat)))
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed")
@@ -118,7 +127,7 @@ def test_norm_torch_foreach(benchmark, case):
     g = [torch.from_numpy(a) for a in make_grads(CASES[case])]
     benchmark.group = f"global-norm-{case}"
     info(benchmark, g, 4, "sumsq")
-    benchmark(torch.nn.utils.get_total_norm, g, norm_type=2.0, foreach=True)
+    run(benchmark, torch.nn.utils.get_total_norm, g, norm_type=2.0, foreach=True)
 
 
 # ---- global-norm clipping (norm pass + scaling pass) ---------------------------------------
@@ -129,7 +138,17 @@ def test_clip_optcore(benchmark, case):
     g = make_grads(CASES[case])
     benchmark.group = f"clip-global-norm-{case}"
     info(benchmark, g, 12, "sumsq")
-    benchmark(clip.clip_by_global_norm_, g, 1e-3)
+    run(benchmark, clip.clip_by_global_norm_, g, 1e-3)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_clip_optcore_arena(benchmark, case):
+    params = optcore.Parameters({f"p{i}": s for i, s in enumerate(CASES[case])})
+    for n, a in zip(params, make_grads(CASES[case])):
+        params.grads[n] = a
+    benchmark.group = f"clip-global-norm-{case}"
+    info(benchmark, [params.grads[n] for n in params], 12, "sumsq")
+    run(benchmark, clip.clip_by_global_norm_, params.grads, 1e-3)
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed")
@@ -142,7 +161,7 @@ def test_clip_torch_foreach(benchmark, case):
         ps.append(p)
     benchmark.group = f"clip-global-norm-{case}"
     info(benchmark, [p.grad for p in ps], 12, "sumsq")
-    benchmark(torch.nn.utils.clip_grad_norm_, ps, 1e-3, foreach=True)
+    run(benchmark, torch.nn.utils.clip_grad_norm_, ps, 1e-3, foreach=True)
 
 
 # ---- Adam + global-norm clipping -------------------------------------------------------------
@@ -157,7 +176,7 @@ def test_adam_clip_optcore(benchmark, case):
     opt = optcore.Adam(params, lr=1e-3, clip=GlobalNorm(1.0))
     benchmark.group = f"adam-clip-{case}"
     info(benchmark, [params[n] for n in params], 32, "adam")
-    benchmark(opt.step)
+    run(benchmark, opt.step)
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed")
@@ -177,4 +196,4 @@ def test_adam_clip_torch_fused(benchmark, case):
 
     benchmark.group = f"adam-clip-{case}"
     info(benchmark, [p.grad for p in ps], 40, "adam")
-    benchmark(step)
+    run(benchmark, step)

@@ -285,3 +285,35 @@ def test_vs_torch_clip_grad_value(rng):
     clip.clip_by_value_(g, 0.25)
     for a, p in zip(g, ps):
         np.testing.assert_array_equal(a, p.grad.numpy())
+
+
+def test_long_lists_checked_fully():
+    """The fast buffer-protocol check of long lists reports the same errors as the full one."""
+    base = np.ones(2000, np.float32)
+    g = [np.ones(10, np.float32) for _ in range(998)] + [base[:1000], base[1000:]]
+    before = [a.copy() for a in g]
+    clip.clip_by_value_(g, 2.0)  # adjacent views do not overlap
+    bad = list(g)
+    bad[500] = np.ones(10)
+    with pytest.raises(TypeError, match=r"grads\[500\] must have dtype float32"):
+        clip.clip_by_global_norm_(bad, 1.0)
+    bad[500] = np.ones((4, 4), np.float32).T
+    with pytest.raises(ValueError, match=r"grads\[500\] must be C-contiguous"):
+        clip.clip_by_norm_(tuple(bad), 1.0)
+    bad[500] = [1.0]
+    with pytest.raises(TypeError, match=r"grads\[500\]"):
+        clip.clip_by_value_(bad, 1.0)
+    ro = np.ones(10, np.float32)
+    ro.flags.writeable = False
+    bad[500] = ro
+    with pytest.raises(ValueError, match=r"grads\[500\] is read-only"):
+        clip.clip_by_value_(bad, 1.0)
+    assert clip.global_norm(bad) > 0  # read-only is fine for a norm
+    bad[500] = base[999:1009]
+    with pytest.raises(ValueError, match=r"grads\[\d+\] and grads\[\d+\] share memory"):
+        clip.clip_by_value_(bad, 1.0)
+    with pytest.raises(ValueError, match=r"params\[999\] and grads\[999\] share memory"):
+        clip.adaptive_clip_([np.zeros(10, np.float32) for _ in range(999)] + [base[1000:]],
+                            [np.zeros(10, np.float32) for _ in range(999)] + [base[1000:]])
+    for a, b in zip(g, before):
+        np.testing.assert_array_equal(a, b)

@@ -222,3 +222,16 @@ def test_norm_bad_input():
     ro = np.ones(4, np.float32)
     ro.flags.writeable = False
     assert clip.global_norm(ro) == 2.0
+
+
+def test_64M_mixed_magnitudes_within_1e_minus6():
+    """The issue's bound at full size: 64M elements of magnitudes 1e-30..1e30."""
+    n, piece = 1 << 26, 1 << 22
+    x = np.empty(n, np.float32)
+    parts = []
+    r = np.random.default_rng(2026)
+    for i in range(0, n, piece):
+        x[i:i + piece] = mixed(r, piece)
+        parts.append(float(np.sum(x[i:i + piece].astype(np.float64) ** 2)))
+    ref = math.sqrt(math.fsum(parts))
+    assert clip.global_norm(x) == pytest.approx(ref, rel=1e-6)

@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import optcore
 from optcore.clip import Adaptive, GlobalNorm, PerTensorNorm, Value
@@ -24,8 +26,9 @@ def fill_grads(P, rng, scale=3.0):
 
 
 def snapshot(opt, P):
-    """Everything a step may change, as bytes."""
+    """Everything a step may change, as bytes (the skip counter apart)."""
     state = opt.state_dict()
+    del state["skipped_steps"]
     return (P.flat.tobytes(), P.grads.flat.tobytes(),
             {k: np.asarray(v).tobytes() for k, v in state.items()}, opt.state_steps)
 
@@ -384,3 +387,57 @@ def test_state_dict_unaffected(rng):
     opt2 = optcore.Adam(arena(rng), clip=GlobalNorm(1.0), accumulate=2)
     opt2.load_state_dict(opt.state_dict())
     assert opt2.state_steps == [2]
+
+
+def test_state_dict_holds_window_and_skipped_steps(rng, tmp_path):
+    P = arena(rng)
+    opt = optcore.Adam(P, lr=1e-2, accumulate=3, nonfinite="skip")
+    fill_grads(P, rng)
+    P.grads["b"][0] = np.nan
+    for _ in range(3):
+        opt.step()  # a window with a NaN: skipped
+    fill_grads(P, rng)
+    opt.step()  # one micro-step into the next window
+    np.savez(tmp_path / "opt.npz", **opt.state_dict())
+    P2 = optcore.Parameters.from_arrays({n: P[n] for n in P})
+    opt2 = optcore.Adam(P2, lr=1e-2, accumulate=3, nonfinite="skip")
+    opt2.load_state_dict(dict(np.load(tmp_path / "opt.npz")))
+    assert opt2.skipped_steps == 1
+    for _ in range(2):
+        fill_grads(P, rng)
+        P2.grads.flat[...] = P.grads.flat
+        assert opt.step() == opt2.step()
+    np.testing.assert_array_equal(P.flat, P2.flat)
+    bad = dict(opt.state_dict(), **{"accumulate.micro": 3})
+    with pytest.raises(ValueError, match="accumulate.micro"):
+        opt2.load_state_dict(bad)
+    opt.step()
+    state = opt.state_dict()
+    del state["group0.accumulator"]
+    before = snapshot(opt2, P2)
+    with pytest.raises(ValueError, match="accumulator"):
+        opt2.load_state_dict(state)
+    assert snapshot(opt2, P2) == before
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=4),
+    max_norm=st.floats(1e-3, 1e3),
+    policy=st.sampled_from(["global", "tensor", "value"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_hypothesis_fused_equals_clip_then_step(sizes, max_norm, policy, seed):
+    """The fused step applies exactly the float32 factor the explicit clip applies: bitwise."""
+    r = np.random.default_rng(seed)
+    p1 = [r.standard_normal(n).astype(np.float32) for n in sizes]
+    g1 = [(r.standard_normal(n) * 10).astype(np.float32) for n in sizes]
+    p2 = [a.copy() for a in p1]
+    g2 = [a.copy() for a in g1]
+    clip_policy = {"global": GlobalNorm(max_norm), "tensor": PerTensorNorm(max_norm),
+                   "value": Value(max_norm)}[policy]
+    optcore.SGD(list(zip(p1, g1)), lr=0.1, clip=clip_policy).step()
+    clip_policy.clip_(g2)
+    optcore.SGD(list(zip(p2, g2)), lr=0.1).step()
+    for a, b in zip(p1, p2):
+        np.testing.assert_array_equal(a, b)

@@ -63,12 +63,49 @@ def _label(name, x, i):
     return name if isinstance(x, np.ndarray) else f"{name}[{i}]"
 
 
+def _array_list(name, x, *, writeable):
+    """``optcore._checks.array_list`` with a fast path for long lists: the buffer protocol
+    checks every array (and gives its address) in ~0.1 us, and only a rejected array goes
+    through the full check that words the error. Returns (arrays, addresses, nbytes)."""
+    if isinstance(x, np.ndarray) or not isinstance(x, (list, tuple)):
+        arrays = ck.array_list(name, x, writeable=writeable)
+        addr, size, bad = _norms.buffers(arrays, writeable)
+        return arrays, addr, size
+    addr, size, bad = _norms.buffers(x, writeable)
+    if bad >= 0:
+        ck.array_list(name, x, writeable=writeable)
+        raise TypeError(f"{name}[{bad}] does not expose a C-contiguous float32 buffer")
+    return list(x), addr, size
+
+
+def _no_overlap(names, addrs, sizes):
+    """Vectorized ``optcore._checks.no_overlap`` over address/size arrays of several
+    arguments (``names``: the argument name of each list)."""
+    start = np.concatenate(addrs).astype(np.uint64)
+    end = start + np.concatenate(sizes).astype(np.uint64)
+    label = np.concatenate([np.full(len(a), k) for k, a in enumerate(addrs)]).astype(np.int64)
+    index = np.concatenate([np.arange(len(a)) for a in addrs]).astype(np.int64)
+    keep = end > start
+    start, end, label, index = start[keep], end[keep], label[keep], index[keep]
+    order = np.argsort(start, kind="stable")
+    start, end, label, index = start[order], end[order], label[order], index[order]
+    clash = np.flatnonzero(start[1:] < end[:-1])
+    if clash.size:
+        i = int(clash[0])
+        a = f"{names[label[i]]}[{index[i]}]"
+        b = f"{names[label[i + 1]]}[{index[i + 1]}]"
+        raise ValueError(f"{a} and {b} share memory; each buffer must be distinct")
+
+
 def _tensors(name, x, *, writeable):
-    """Return the list of checked arrays of an ndarray, a list of arrays or an arena."""
+    """Return the list of checked arrays of an ndarray, a list of arrays or an arena, with
+    their addresses and sizes in bytes."""
     if isinstance(x, Arena):
         ck.float32_buffer(f"{name}.flat", x.flat, writeable=writeable)
-        return [x[n] for n in x]
-    return ck.array_list(name, x, writeable=writeable)
+        arrays = [x[n] for n in x]
+        addr, size, _ = _norms.buffers(arrays, False)
+        return arrays, addr, size
+    return _array_list(name, x, writeable=writeable)
 
 
 # An arena's tensors never move: its table is built once (keyed by id, dropped with the arena).
@@ -91,9 +128,9 @@ def _table(name, x, *, writeable):
     if isinstance(x, Arena):
         ck.float32_buffer(f"{name}.flat", x.flat, writeable=writeable)
         return _arena_table(x)
-    arrays = ck.array_list(name, x, writeable=writeable)
+    arrays, addr, size = _array_list(name, x, writeable=writeable)
     if writeable:
-        ck.no_overlap({name: arrays})
+        _no_overlap([name], [addr], [size])
     return TensorList([arrays])
 
 
@@ -223,8 +260,8 @@ def clip_by_global_norm_(grads, max_norm, norm_type=2, error_if_nonfinite=False)
     >>> g = [np.array([3.0], np.float32), np.array([4.0], np.float32)]
     >>> optcore.clip.clip_by_global_norm_(g, 1.0)
     5.0
-    >>> float(g[0][0]), float(g[1][0])
-    (0.6000000238418579, 0.800000011920929)
+    >>> [round(float(a[0]), 6) for a in g]  # 3 and 4 times 1 / (5 + 1e-6)
+    [0.6, 0.8]
 
     References
     ----------
@@ -381,13 +418,13 @@ def adaptive_clip_(params, grads, clipping=0.01, eps=1e-3):
     """
     clipping = ck.in_range("clipping", clipping, 0.0, math.inf, lo_open=True)
     eps = ck.nonnegative("eps", eps)
-    ps = _tensors("params", params, writeable=False)
-    gs = _tensors("grads", grads, writeable=True)
+    ps, paddr, psize = _tensors("params", params, writeable=False)
+    gs, gaddr, gsize = _tensors("grads", grads, writeable=True)
     ck.same_sizes("params", ps, "grads", gs)
     for i, (p, g) in enumerate(zip(ps, gs)):
         if p.shape != g.shape:
             raise ValueError(f"grads[{i}] has shape {g.shape} but params[{i}] has shape {p.shape}")
-    ck.no_overlap({"params": ps, "grads": gs})
+    _no_overlap(["params", "grads"], [paddr, gaddr], [psize, gsize])
     tl = TensorList([ps, gs])
     tensor, start, length, counts = _units(gs)
     pn = np.sqrt(_norms.unit_sumsq(tl, 0, tensor, start, length))

@@ -468,7 +468,36 @@ class Optimizer:
                 out[p + "state." + s] = arena.flat.copy()
             for s, v in g.scalars.items():
                 out[p + "scalar." + s] = v
+        out.update(self._fused_state())
         return out
+
+    def _fused_state(self):
+        """``skipped_steps`` and a partial accumulation window (count and accumulators)."""
+        out = {"skipped_steps": self.skipped_steps}
+        if self.accumulate > 1:
+            out["accumulate.micro"] = self._micro
+            if self._micro > 0:
+                for i, g in enumerate(self._groups):
+                    out[f"group{i}.accumulator"] = g.acc.flat.copy()
+        return out
+
+    def _check_fused_state(self, state):
+        """Validate what :meth:`_fused_state` saved; return (skipped_steps, micro, arrays)."""
+        skipped = ck.in_range("skipped_steps", np.asarray(state.get("skipped_steps", 0)).item(), 0)
+        micro = np.asarray(state.get("accumulate.micro", 0)).item()
+        ck.in_range("accumulate.micro", micro, 0, self.accumulate - 1)
+        arrays = []
+        if micro > 0:
+            for i, g in enumerate(self._groups):
+                a = state.get(f"group{i}.accumulator")
+                a = None if a is None else np.asarray(a)
+                if a is None or a.shape != g.acc.flat.shape or a.dtype != np.float32:
+                    raise ValueError(
+                        f"group{i}.accumulator must be float32 of shape {g.acc.flat.shape} "
+                        "when accumulate.micro > 0"
+                    )
+                arrays.append(a)
+        return int(skipped), int(micro), arrays
 
     def load_state_dict(self, state):
         """Load a state saved by :meth:`state_dict`; everything is checked before anything is
@@ -514,6 +543,9 @@ class Optimizer:
             scalars = {k[len(p + "scalar."):]: float(np.asarray(v)) for k, v in state.items()
                        if k.startswith(p + "scalar.")}
             plans.append((g, hyper, arrays, int(step), scalars))
+        self.skipped_steps, self._micro, accs = self._check_fused_state(state)
+        for g, a in zip(self._groups, accs):
+            g.acc.flat[...] = a
         for (g, hyper, arrays, step, scalars), pg in zip(plans, self.param_groups):
             pg.update(hyper)
             for s, a in arrays.items():

@@ -63,11 +63,12 @@ class GradScaler:
 
     Notes
     -----
-    Differences from torch: there is no separate ``unscale_`` / ``step`` / ``update``; all
-    three happen inside :meth:`optcore.Optimizer.step` (clipping, if any, applies to the
-    unscaled gradient, as torch users arrange with ``unscale_`` before
-    ``clip_grad_norm_``). A step skipped for overflow counts in the optimizer's
-    ``skipped_steps``.
+    Differences from torch: there is no ``unscale_`` and no ``scaler.step(opt)``;
+    ``opt.step(scaler=scaler)`` unscales, checks, steps and calls :meth:`update` itself
+    (clipping, if any, applies to the unscaled gradient, as torch users arrange with
+    ``unscale_`` before ``clip_grad_norm_``). :meth:`update` takes the overflow flag instead of
+    reading it from the optimizer, and has no ``new_scale`` argument. A step skipped for
+    overflow counts in the optimizer's ``skipped_steps``.
 
     References
     ----------

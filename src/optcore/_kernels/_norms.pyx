@@ -6,7 +6,10 @@ before calling. The GIL is released while a kernel runs.
 """
 import numpy as np
 
-from libc.stdint cimport int64_t, uintptr_t
+from cpython.buffer cimport (
+    PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer,
+)
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
 
 from optcore._kernels._runtime cimport (
     OC_MAX_SLOTS, TensorList, exec_begin, exec_end, oc_exec, oc_list,
@@ -141,3 +144,35 @@ def unit_scale(TensorList tl, int slot, tensor, start, length, factors):
     with nogil:
         oc_unit_scale_run(&tl.c, slot, &U, pf, &ex)
     exec_end(ex)
+
+
+def buffers(arrays, bint writeable):
+    """Fast check of a list of arrays through the buffer protocol (~0.1 us each).
+
+    Returns ``(addresses, nbytes, bad)``: the data address and size in bytes of each array,
+    and the index of the first array that is not a C-contiguous float32 ndarray (writeable when
+    asked), or -1. The caller re-checks ``arrays[bad]`` with ``optcore._checks`` to raise the
+    precise error.
+    """
+    cdef Py_ssize_t i, n = len(arrays)
+    cdef Py_buffer view
+    cdef int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (PyBUF_WRITABLE if writeable else 0)
+    addr = np.zeros(n, dtype=np.uint64)
+    size = np.zeros(n, dtype=np.int64)
+    cdef uint64_t[::1] av = addr
+    cdef int64_t[::1] sv = size
+    for i in range(n):
+        a = arrays[i]
+        if not isinstance(a, np.ndarray):
+            return addr, size, i
+        try:
+            PyObject_GetBuffer(a, &view, flags)
+        except (BufferError, ValueError, TypeError):
+            return addr, size, i
+        ok = view.itemsize == 4 and view.format != NULL and view.format[0] == b'f' and view.format[1] == 0
+        av[i] = <uint64_t> <uintptr_t> view.buf
+        sv[i] = view.len
+        PyBuffer_Release(&view)
+        if not ok:
+            return addr, size, i
+    return addr, size, -1
