@@ -235,15 +235,17 @@ def _shuffled_batches(m, batch_size, rng):
 
 
 class Rosenbrock(Problem):
-    r"""The Rosenbrock function in ``n`` dimensions (Rosenbrock 1960; Nocedal & Wright, eq. 2.22):
+    r"""The Rosenbrock function in ``n`` dimensions (Rosenbrock, *The Computer Journal* 3, 1960):
 
     .. math::
 
         f(x) = \sum_{i=1}^{n-1} 100\,(x_{i+1} - x_i^2)^2 + (1 - x_i)^2,
 
-    minimum :math:`f = 0` at :math:`x = (1, \dots, 1)`; a curved, narrow valley. The
-    Hessian-vector product is exact (the Hessian is tridiagonal). Start: :math:`(-1.2, 1,
-    -1.2, 1, \dots)`. Same function as ``scipy.optimize.rosen``.
+    minimum :math:`f = 0` at :math:`x = (1, \dots, 1)`; a curved, narrow valley. For
+    :math:`4 \le n \le 30` there is a second local minimum near :math:`(-1, 1, \dots, 1)`
+    (Kok & Sandrock, *Evolutionary Computation* 17, 2009), where methods started from
+    :math:`(-1.2, 1, -1.2, 1, \dots)` (the start used here) may stop. The Hessian-vector
+    product is exact (the Hessian is tridiagonal). Same function as ``scipy.optimize.rosen``.
 
     Parameters
     ----------
