@@ -48,6 +48,8 @@ __all__ = [
     "clip_by_value_", "adaptive_clip_", "accumulate_", "ema_update_", "max_norm_",
     "batchnorm_forward", "batchnorm_inference", "batchnorm_backward",
     "batchnorm_inference_backward",
+    "global_norm", "tensor_norms", "clip_by_global_norm_", "clip_by_norm_",
+    "clip_by_value_", "adaptive_clip_", "accumulate_",
 ]
 
 
