@@ -1,0 +1,52 @@
+"""Sphinx configuration for the optcore documentation.
+
+Build (warnings are errors)::
+
+    pip install ".[docs]"
+    sphinx-build -W -b html docs docs/_build/html
+
+The build reads the docstrings of the installed package, so install it first. It needs no
+network: intersphinx is off, MathJax is loaded by the reader's browser.
+"""
+import importlib.util
+
+import optcore
+
+project = "optcore"
+author = "optcore developers"
+copyright = "optcore developers"
+version = optcore.__version__
+release = optcore.__version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.mathjax",
+    "numpydoc",
+]
+
+# One page per public module under api/. A module that this build of the package does not
+# contain (a feature not merged yet) has its page left out instead of failing the build;
+# tests/test_docs.py checks that every public module of the package has a page.
+API_MODULES = [
+    "optcore", "optcore.kernels", "optcore.optim", "optcore.params", "optcore.clip",
+    "optcore.scaling", "optcore.batchnorm", "optcore.schedules", "optcore.init", "optcore.ema",
+    "optcore.problems", "optcore.baselines", "optcore.curvature", "optcore.compare",
+]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+exclude_patterns += [f"api/{m}.rst" for m in API_MODULES if importlib.util.find_spec(m) is None]
+
+autosummary_generate = True
+autodoc_default_options = {"members": True, "member-order": "bysource"}
+autodoc_typehints = "none"
+numpydoc_show_class_members = False
+numpydoc_class_members_toctree = False
+numpydoc_xref_param_type = False
+
+html_theme = "pydata_sphinx_theme"
+html_title = f"optcore {release}"
+html_theme_options = {
+    "navigation_with_keys": False,
+    "show_toc_level": 2,
+}
+html_static_path = []
