@@ -36,12 +36,26 @@ API_MODULES = [
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 exclude_patterns += [f"api/{m}.rst" for m in API_MODULES if importlib.util.find_spec(m) is None]
 
+# The API pages under api/ describe every object. A family page that also wants the full
+# description of a name must use ``.. autosummary::`` without ``:toctree:`` (a table linking
+# to the API page) or ``:no-index:``: a second description of the same object is a warning.
 autosummary_generate = True
-autodoc_default_options = {"members": True, "member-order": "bysource"}
+autodoc_default_options = {
+    "members": True,
+    "member-order": "bysource",
+    "exclude-members": "rule",  # the optimizer classes' link to their private update rule
+}
 autodoc_typehints = "none"
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
+
+# Every cross-reference to an optcore object must resolve. References to other projects
+# cannot (intersphinx is off: the build has no network) and are not checked.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(numpy|np|scipy|torch|sklearn|threadpoolctl|matplotlib|optax|keras)(\..*)?"),
+]
 
 html_theme = "pydata_sphinx_theme"
 html_title = f"optcore {release}"
