@@ -9,6 +9,7 @@ The build reads the docstrings of the installed package, so install it first. It
 network: intersphinx is off, MathJax is loaded by the reader's browser.
 """
 import importlib.util
+from pathlib import Path
 
 import optcore
 
@@ -25,16 +26,13 @@ extensions = [
     "numpydoc",
 ]
 
-# One page per public module under api/. A module that this build of the package does not
-# contain (a feature not merged yet) has its page left out instead of failing the build;
-# tests/test_docs.py checks that every public module of the package has a page.
-API_MODULES = [
-    "optcore", "optcore.kernels", "optcore.optim", "optcore.params", "optcore.clip",
-    "optcore.scaling", "optcore.batchnorm", "optcore.schedules", "optcore.init", "optcore.ema",
-    "optcore.problems", "optcore.baselines", "optcore.curvature", "optcore.compare",
-]
+# One page per public module: api/<module>.rst. The page of a module that this build of the
+# package does not contain (a feature not merged yet) is left out instead of failing the
+# build; tests/test_docs.py checks that every public module of the package has a page.
+HERE = Path(__file__).resolve().parent
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
-exclude_patterns += [f"api/{m}.rst" for m in API_MODULES if importlib.util.find_spec(m) is None]
+exclude_patterns += [f"api/{page.name}" for page in sorted((HERE / "api").glob("*.rst"))
+                     if importlib.util.find_spec(page.stem) is None]
 
 # The API pages under api/ describe every object. A family page that also wants the full
 # description of a name must use ``.. autosummary::`` without ``:toctree:`` (a table linking
