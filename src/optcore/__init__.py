@@ -6,7 +6,9 @@ from optcore._kernels._runtime import (
     set_flush_denormal,
     set_num_threads,
 )
-from optcore import kernels
+from optcore import init, kernels, schedules
+from optcore.constraints import MaxNorm
+from optcore.ema import EMA
 from optcore.optim import (
     SGD,
     AdaGrad,
@@ -38,6 +40,10 @@ __all__ = [
     "Adamax",
     "NAdam",
     "kernels",
+    "schedules",
+    "init",
+    "EMA",
+    "MaxNorm",
     "config",
     "show_config",
     "set_num_threads",

@@ -24,6 +24,7 @@ def grad_opts(*, lr, weight_decay, decoupled, maximize, grad_scale, tensor_scale
 def check_common(h):
     ck.nonnegative("lr", h["lr"])
     ck.nonnegative("weight_decay", h["weight_decay"])
+    ck.nonnegative("l1", h["l1"])
     ck.boolean("maximize", h["maximize"])
 
 
@@ -69,7 +70,7 @@ class Rule:
 class SGDRule(Rule):
     name = "sgd"
     defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                    maximize=False)
+                    maximize=False, l1=0.0)
 
     @staticmethod
     def check(h):
@@ -92,7 +93,7 @@ class SGDRule(Rule):
 class AdaGradRule(Rule):
     name = "adagrad"
     defaults = dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
-                    eps=1e-10, maximize=False)
+                    eps=1e-10, maximize=False, l1=0.0)
 
     @staticmethod
     def check(h):
@@ -118,7 +119,7 @@ class AdaGradRule(Rule):
 class RMSPropRule(Rule):
     name = "rmsprop"
     defaults = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                    centered=False, maximize=False)
+                    centered=False, maximize=False, l1=0.0)
 
     @staticmethod
     def check(h):
@@ -143,7 +144,7 @@ class RMSPropRule(Rule):
 class AdamRule(Rule):
     name = "adam"
     defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-                    maximize=False, decoupled_weight_decay=False)
+                    maximize=False, decoupled_weight_decay=False, l1=0.0)
 
     @staticmethod
     def check(h):
@@ -176,7 +177,8 @@ class AdamWRule(AdamRule):
 
 class AdaMaxRule(Rule):
     name = "adamax"
-    defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False)
+    defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False,
+                    l1=0.0)
 
     @staticmethod
     def check(h):
@@ -197,7 +199,7 @@ class AdaMaxRule(Rule):
 class NAdamRule(Rule):
     name = "nadam"
     defaults = dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                    momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False)
+                    momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False, l1=0.0)
 
     @staticmethod
     def check(h):

@@ -56,7 +56,7 @@ def _pairs(arg, name):
 
 
 class Optimizer:
-    """Base class: parameter groups, ``step``, ``zero_grad``, ``state_dict``.
+    r"""Base class: parameter groups, ``step``, ``zero_grad``, ``state_dict``.
 
     Parameters
     ----------
@@ -68,8 +68,23 @@ class Optimizer:
         With a ``Parameters`` arena only: groups ``{"params": [names], <hyper>: value}``
         overriding the defaults (e.g. no weight decay on biases). Names not listed form a last
         group with the defaults.
+    constraints : dict, optional
+        ``{name: constraint}``: callables applied in place to a parameter after every step,
+        e.g. ``{"w1": MaxNorm(3.0)}`` (see :mod:`optcore.constraints`). Names are those of the
+        arena, or, for array pairs, the index of the pair counted over all groups.
     **hyper
-        The rule's hyper-parameters (same names and defaults as ``torch.optim``).
+        The rule's hyper-parameters (same names and defaults as ``torch.optim``), plus ``l1``
+        (default 0): the L1 proximal step :math:`p \leftarrow \operatorname{sign}(p)
+        \max(|p| - \eta\,\ell_1, 0)` fused into the update (see :mod:`optcore.kernels`).
+
+    Attributes
+    ----------
+    schedule : callable or None
+        A learning-rate schedule (:mod:`optcore.schedules`) attached with ``opt.schedule =
+        sched``: each ``step()`` without ``lr=`` then sets every group's ``lr`` to
+        ``sched(t)``, ``t`` the number of steps taken, and, for a schedule that cycles the
+        momentum (:class:`~optcore.schedules.OneCycle`), each group's ``momentum`` or
+        ``betas[0]`` to ``sched.momentum(t)``.
 
     Notes
     -----
@@ -82,7 +97,7 @@ class Optimizer:
 
     rule = _rules.Rule
 
-    def __init__(self, params, groups=None, **hyper):
+    def __init__(self, params, groups=None, *, constraints=None, **hyper):
         unknown = set(hyper) - set(self.rule.defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected hyper-parameters {sorted(unknown)}")
@@ -103,6 +118,8 @@ class Optimizer:
             self.rule.check(hyper_g)
             self.param_groups.append(dict(hyper_g, params=list(names)))
             self._groups.append(_Group(self.rule, hyper_g, names, ps, gs))
+        self._constraints = self._checked_constraints(constraints)
+        self._schedule = None
 
     def _group_specs(self, params, groups):
         """Return [(overrides, names, params, grads)] for every group."""
@@ -145,6 +162,58 @@ class Optimizer:
         if unknown:
             raise ValueError(f"{where} has unknown hyper-parameters {sorted(unknown)}")
 
+    def _checked_constraints(self, constraints):
+        """Return [(constraint, array)] after checking every name and constraint."""
+        if constraints is None:
+            return []
+        if not isinstance(constraints, dict):
+            raise TypeError(f"constraints must be a dict of name -> constraint, got {type(constraints).__name__}")
+        if self.parameters is not None:
+            arrays = {n: self.parameters[n] for n in self.parameters}
+        else:
+            arrays = {i: p for i, p in enumerate(p for g in self._groups for p in g.params)}
+        out = []
+        for name, c in constraints.items():
+            if name not in arrays:
+                raise ValueError(f"constraints names unknown parameter {name!r}")
+            if not callable(c):
+                raise TypeError(f"constraints[{name!r}] must be callable, got {type(c).__name__}")
+            if hasattr(c, "check"):
+                c.check(arrays[name], f"constraints[{name!r}]")
+            out.append((c, arrays[name]))
+        return out
+
+    @property
+    def schedule(self):
+        """The attached learning-rate schedule (``opt.schedule = sched``), or None."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, sched):
+        if sched is not None and not callable(sched):
+            raise TypeError(f"schedule must be callable (step -> lr) or None, got {type(sched).__name__}")
+        if getattr(sched, "cycles_momentum", False):
+            for i, h in enumerate(self.param_groups):
+                if "betas" not in h and not h.get("momentum", 0) > 0:
+                    raise ValueError(
+                        f"the schedule cycles the momentum, but param_groups[{i}] has neither "
+                        "betas nor a momentum > 0"
+                    )
+        self._schedule = sched
+
+    def _scheduled_lr(self):
+        """Set the momentum (or beta1) from the attached schedule; return this step's lr."""
+        t = self._groups[0].step
+        lr = self._schedule(t)
+        m = self._schedule.momentum(t) if getattr(self._schedule, "cycles_momentum", False) else None
+        if m is not None:
+            for h in self.param_groups:
+                if "betas" in h:
+                    h["betas"] = (m, h["betas"][1])
+                else:
+                    h["momentum"] = m
+        return lr
+
     # -- the step -------------------------------------------------------------------------
 
     def _checked_hyper(self, lr):
@@ -170,16 +239,23 @@ class Optimizer:
         ----------
         lr : float, optional
             Learning rate for this step and the following ones (stored in every group), e.g.
-            from a schedule: ``opt.step(lr=sched(t))``.
+            from a schedule: ``opt.step(lr=sched(t))``. When None and a :attr:`schedule` is
+            attached, it comes from the schedule.
+
+        Constraints, if any, are applied after the update.
         """
+        if lr is None and self._schedule is not None:
+            lr = self._scheduled_lr()
         hypers = self._checked_hyper(lr)
         for h, g, pg in zip(hypers, self._groups, self.param_groups):
             go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
                                   decoupled=self.rule.decoupled(h), maximize=h["maximize"],
-                                  grad_scale=1.0)
+                                  grad_scale=1.0, l1=h["l1"])
             self.rule.run(g.table, go, h, g.step + 1, g.scalars)
             g.step += 1
             pg["lr"] = h["lr"]
+        for c, w in self._constraints:
+            c(w)
 
     def zero_grad(self):
         """Set every gradient of every group to zero."""
