@@ -74,6 +74,7 @@ class Layout:
 
     @property
     def ntensors(self):
+        """Number of tensors in the layout."""
         return len(self.shapes)
 
     def __repr__(self):

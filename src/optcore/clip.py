@@ -517,7 +517,7 @@ class Value(ClipPolicy):
         self._set(limit=ck.nonnegative("limit", limit))
 
     def clip_(self, grads, params=None):
-        """Apply to ``grads`` in place; return the max |g| before clipping."""
+        """Apply to ``grads`` in place; return the max ``|g|`` before clipping."""
         return clip_by_value_(grads, self.limit)
 
 

@@ -50,12 +50,14 @@ class Layout:
         self.total = offset
 
     def size(self, name):
+        """Number of elements of tensor ``name``."""
         return int(np.prod(self.shapes[name], dtype=np.int64))
 
     def __eq__(self, other):
         return isinstance(other, Layout) and self.names == other.names and self.shapes == other.shapes
 
     def view(self, flat, name):
+        """The view of tensor ``name`` (its shape) into a flat buffer of this layout."""
         off = self.offsets[name]
         return flat[off : off + self.size(name)].reshape(self.shapes[name])
 
