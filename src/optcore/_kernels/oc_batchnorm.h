@@ -54,25 +54,6 @@ typedef struct {
 
 static inline int64_t oc_bn_total(const oc_bn_shape *sh) { return sh->rows * sh->C * sh->S; }
 
-/* Run the body (the variadic part) for i in [0, n), statically split over the team when the
- * call is large enough, each thread with flush-to-zero as asked. */
-#define OC_BN_FOR(ex, total, i, n, ...)                                           \
-    do {                                                                          \
-        int oc_nt_ = oc_team_size((ex), (total));                                 \
-        if (oc_nt_ > 1) {                                                         \
-            _Pragma("omp parallel num_threads(oc_nt_)")                           \
-            {                                                                     \
-                unsigned int oc_csr_ = oc_ftz_enter((ex)->ftz);                   \
-                _Pragma("omp for schedule(static)")                               \
-                for (int64_t i = 0; i < (n); i++) { __VA_ARGS__; }                \
-                oc_ftz_leave(oc_csr_);                                            \
-            }                                                                     \
-        } else {                                                                  \
-            unsigned int oc_csr_ = oc_ftz_enter((ex)->ftz);                       \
-            for (int64_t i = 0; i < (n); i++) { __VA_ARGS__; }                    \
-            oc_ftz_leave(oc_csr_);                                                \
-        }                                                                         \
-    } while (0)
 
 /* ---- per-element math ------------------------------------------------------------------ */
 
@@ -281,7 +262,7 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
             free(H); free(part); free(scratch);
             return -1;
         }
-        OC_BN_FOR(ex, total, it, items, {
+        OC_PARALLEL_FOR(oc_team_size(ex, total), ex, it, items, {
             int64_t r0 = it * R, r1 = r0 + R < sh->rows ? r0 + R : sh->rows;
             oc_bn_rows_item(mode, sh, x, dy, H, kr, r0, r1, part + 2 * it * C,
                             part + (2 * it + 1) * C, scratch + 2 * it * T, scratch + (2 * it + 1) * T);
@@ -303,7 +284,7 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
     const int64_t items = (units + nb - 1) / nb;
     double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items * C + 1));
     if (part == NULL) return -1;
-    OC_BN_FOR(ex, total, it, items, {
+    OC_PARALLEL_FOR(oc_team_size(ex, total), ex, it, items, {
         double *p1 = part + 2 * it * C, *p2 = p1 + C;
         for (int64_t c = 0; c < C; c++) { p1[c] = 0.0; p2[c] = 0.0; }
         const int64_t u1 = (it + 1) * nb < units ? (it + 1) * nb : units;
@@ -375,14 +356,14 @@ OC_CLONES static int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, cons
         float *H = oc_bn_replicate(hi, C, kr, &fail);
         if (!fail) {
             if (hi == NULL) {
-                OC_BN_FOR(ex, total, t, ntiles, {
+                OC_PARALLEL_FOR(oc_team_size(ex, total), ex, t, ntiles, {
                     const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
                     const float *xt = x + r0 * C;
                     float *yt = y + r0 * C;
                     for (int64_t i = 0; i < n; i++) yt[i] = xt[i] * A[i] + B[i];
                 });
             } else {
-                OC_BN_FOR(ex, total, t, ntiles, {
+                OC_PARALLEL_FOR(oc_team_size(ex, total), ex, t, ntiles, {
                     const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
                     const float *xt = x + r0 * C;
                     float *yt = y + r0 * C;
@@ -395,7 +376,7 @@ OC_CLONES static int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, cons
     }
     const int64_t segs = oc_bn_segments(S);
     if (hi == NULL) {
-        OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
+        OC_PARALLEL_FOR(oc_team_size(ex, total), ex, u, sh->rows * C * segs, {
             const int64_t p = u / segs, c = p % C;
             int64_t off, len;
             oc_bn_unit(sh, segs, p, u % segs, &off, &len);
@@ -405,7 +386,7 @@ OC_CLONES static int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, cons
             for (int64_t i = 0; i < len; i++) yp[i] = xp[i] * ac + bc;
         });
     } else {
-        OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
+        OC_PARALLEL_FOR(oc_team_size(ex, total), ex, u, sh->rows * C * segs, {
             const int64_t p = u / segs, c = p % C;
             int64_t off, len;
             oc_bn_unit(sh, segs, p, u % segs, &off, &len);
@@ -431,7 +412,7 @@ OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const 
         float *K1 = oc_bn_replicate(k1, C, kr, &fail), *K2 = oc_bn_replicate(k2, C, kr, &fail);
         float *K3 = oc_bn_replicate(k3, C, kr, &fail);
         if (!fail) {
-            OC_BN_FOR(ex, total, t, ntiles, {
+            OC_PARALLEL_FOR(oc_team_size(ex, total), ex, t, ntiles, {
                 const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
                 const float *xt = x + r0 * C, *gt = dy + r0 * C;
                 float *dt = dx + r0 * C;
@@ -443,7 +424,7 @@ OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const 
         return fail ? -1 : 0;
     }
     const int64_t segs = oc_bn_segments(S);
-    OC_BN_FOR(ex, total, u, sh->rows * C * segs, {
+    OC_PARALLEL_FOR(oc_team_size(ex, total), ex, u, sh->rows * C * segs, {
         const int64_t p = u / segs, c = p % C;
         int64_t off, len;
         oc_bn_unit(sh, segs, p, u % segs, &off, &len);

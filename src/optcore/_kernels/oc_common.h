@@ -107,24 +107,29 @@ static inline void oc_ftz_leave(unsigned int old) {
 
 static inline int oc_ftz_supported(void) { return OC_X86_DISPATCH; }
 
-/* Run BODY(c) for every chunk c of L, in parallel when it pays, each thread with FTZ as asked.
- * Chunks are handed out statically in index order. */
-#define OC_FOR_EACH_CHUNK(L, ex, c, BODY)                                          \
+/* Run the body (the variadic part) for i in [0, n): statically split over a team of `nt`
+ * threads when nt > 1, else on the calling thread without entering a parallel region; each
+ * thread with flush-to-zero as `ex` asks, restored afterwards. */
+#define OC_PARALLEL_FOR(nt, ex, i, n, ...)                                         \
     do {                                                                           \
-        int oc_nt_ = oc_team_size((ex), (L)->total);                              \
+        int oc_nt_ = (nt);                                                         \
         if (oc_nt_ > 1) {                                                          \
             _Pragma("omp parallel num_threads(oc_nt_)")                            \
             {                                                                      \
                 unsigned int oc_csr_ = oc_ftz_enter((ex)->ftz);                    \
                 _Pragma("omp for schedule(static)")                                \
-                for (int64_t c = 0; c < (L)->nchunks; c++) { BODY; }              \
+                for (int64_t i = 0; i < (n); i++) { __VA_ARGS__; }                 \
                 oc_ftz_leave(oc_csr_);                                             \
             }                                                                      \
         } else {                                                                   \
             unsigned int oc_csr_ = oc_ftz_enter((ex)->ftz);                        \
-            for (int64_t c = 0; c < (L)->nchunks; c++) { BODY; }                  \
+            for (int64_t i = 0; i < (n); i++) { __VA_ARGS__; }                     \
             oc_ftz_leave(oc_csr_);                                                 \
         }                                                                          \
     } while (0)
+
+/* Run the body for every chunk c of L, in parallel when the table is large enough. */
+#define OC_FOR_EACH_CHUNK(L, ex, c, ...) \
+    OC_PARALLEL_FOR(oc_team_size((ex), (L)->total), ex, c, (L)->nchunks, __VA_ARGS__)
 
 #endif /* OC_COMMON_H */

@@ -191,16 +191,6 @@ typedef struct {
     const int64_t *len;
 } oc_units;
 
-#define OC_FOR_EACH_UNIT(U, ex, total, u, BODY)                                     \
-    do {                                                                           \
-        int oc_nt_ = oc_team_size((ex), (total));                                 \
-        if (oc_nt_ > 1) {                                                          \
-            _Pragma("omp parallel for num_threads(oc_nt_) schedule(static)")       \
-            for (int64_t u = 0; u < (U)->nunits; u++) { BODY; }                   \
-        } else {                                                                   \
-            for (int64_t u = 0; u < (U)->nunits; u++) { BODY; }                   \
-        }                                                                          \
-    } while (0)
 
 static inline __attribute__((always_inline)) void
 oc_unit_sumsq_one(const oc_list *L, int s, const oc_units *U, double *out, int64_t u) {
@@ -211,7 +201,7 @@ oc_unit_sumsq_one(const oc_list *L, int s, const oc_units *U, double *out, int64
 
 OC_CLONES static void oc_unit_sumsq_run(const oc_list *L, int s, const oc_units *U, double *out,
                                         const oc_exec *ex) {
-    OC_FOR_EACH_UNIT(U, ex, L->total, u, oc_unit_sumsq_one(L, s, U, out, u));
+    OC_PARALLEL_FOR(oc_team_size(ex, L->total), ex, u, U->nunits, oc_unit_sumsq_one(L, s, U, out, u));
 }
 
 static inline __attribute__((always_inline)) void
@@ -225,7 +215,7 @@ oc_unit_scale_one(const oc_list *L, int s, const oc_units *U, const float *f, in
 
 OC_CLONES static void oc_unit_scale_run(const oc_list *L, int s, const oc_units *U,
                                         const float *f, const oc_exec *ex) {
-    OC_FOR_EACH_UNIT(U, ex, L->total, u, oc_unit_scale_one(L, s, U, f, u));
+    OC_PARALLEL_FOR(oc_team_size(ex, L->total), ex, u, U->nunits, oc_unit_scale_one(L, s, U, f, u));
 }
 
 #endif /* OC_NORMS_H */

@@ -84,24 +84,6 @@ static inline double oc_maxnorm_factor(double sq, double max_value) {
     return norm > max_value ? max_value / (norm + 1e-7) : 1.0;
 }
 
-/* Run BODY(i) for i in [0, n): in parallel (static schedule) when `par`, else on the calling
- * thread without entering a parallel region; each thread with flush-to-zero as asked. */
-#define OC_FOR_RANGE(n, par, ex, i, BODY)                                             \
-    do {                                                                              \
-        if (par) {                                                                    \
-            _Pragma("omp parallel num_threads((ex)->nthreads)")                       \
-            {                                                                         \
-                unsigned int oc_csr_ = oc_ftz_enter((ex)->ftz);                       \
-                _Pragma("omp for schedule(static)")                                   \
-                for (int64_t i = 0; i < (n); i++) { BODY; }                           \
-                oc_ftz_leave(oc_csr_);                                                \
-            }                                                                         \
-        } else {                                                                      \
-            unsigned int oc_csr_ = oc_ftz_enter((ex)->ftz);                           \
-            for (int64_t i = 0; i < (n); i++) { BODY; }                               \
-            oc_ftz_leave(oc_csr_);                                                    \
-        }                                                                             \
-    } while (0)
 
 static inline int oc_parallel_pays(const oc_exec *ex, int64_t elements, int64_t items) {
     return OC_HAVE_OPENMP && ex->nthreads > 1 && elements >= OC_SERIAL_BELOW && items > 1;
@@ -119,7 +101,7 @@ oc_maxnorm_row(float *OC_RESTRICT row, int64_t k, double max_value) {
 OC_CLONES static void oc_maxnorm_rows(float *w, int64_t units, int64_t k, double max_value,
                                       const oc_exec *ex) {
     const int par = oc_parallel_pays(ex, units * k, units);
-    OC_FOR_RANGE(units, par, ex, u, oc_maxnorm_row(w + u * k, k, max_value));
+    OC_PARALLEL_FOR(par ? ex->nthreads : 1, ex, u, units, oc_maxnorm_row(w + u * k, k, max_value));
 }
 
 /* Columns are handled in blocks of OC_COLS: one thread owns a block of columns and walks all
@@ -157,7 +139,7 @@ OC_CLONES static void oc_maxnorm_cols(float *w, int64_t k, int64_t units, double
                                       double *scratch, const oc_exec *ex) {
     const int64_t nblocks = (units + OC_COLS - 1) / OC_COLS;
     const int par = oc_parallel_pays(ex, units * k, nblocks);
-    OC_FOR_RANGE(nblocks, par, ex, b, oc_maxnorm_colblock(w, k, units, max_value, scratch, b));
+    OC_PARALLEL_FOR(par ? ex->nthreads : 1, ex, b, nblocks, oc_maxnorm_colblock(w, k, units, max_value, scratch, b));
 }
 
 #endif /* OC_TRANSFORMS_H */
