@@ -31,7 +31,7 @@ from optcore import _rules
 from optcore import clip as _clip
 from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
-from optcore.optim import Optimizer, StepResult
+from optcore.optim import Optimizer, StepResult, _named_groups
 from optcore.params import ALIGN_BYTES, Arena, Layout, Parameters, aligned_zeros
 
 __all__ = ["allreduce_grads_", "global_norm", "clip_grad_norm_", "ShardedOptimizer",
@@ -119,28 +119,6 @@ def _grad_buffers(grads, name, writeable=True):
     if writeable:
         ck.no_overlap({name: arrays})
     return arrays, ("arrays", tuple(a.shape for a in arrays))
-
-
-def _outer_groups(params, groups):
-    """[(overrides, names)] of the parameter groups, as the plain optimizers build them."""
-    specs, used = [], set()
-    if groups is not None and not isinstance(groups, (list, tuple)):
-        raise TypeError(f"groups must be a list of dicts, got {type(groups).__name__}")
-    for i, g in enumerate(groups or ()):
-        if not isinstance(g, dict) or "params" not in g:
-            raise TypeError(f"groups[{i}] must be a dict with a 'params' list of names")
-        names = list(g["params"])
-        for n in names:
-            if n not in params:
-                raise ValueError(f"groups[{i}] names unknown parameter {n!r}")
-            if n in used:
-                raise ValueError(f"parameter {n!r} appears in more than one group")
-            used.add(n)
-        specs.append(({k: v for k, v in g.items() if k != "params"}, names))
-    rest = [n for n in params if n not in used]
-    if rest:
-        specs.append(({}, rest))
-    return specs
 
 
 def _buckets(arrays, bucket_elems):
@@ -483,7 +461,7 @@ class ShardedOptimizer:
             raise TypeError(f"{opt_cls.__name__} got unexpected hyper-parameters {sorted(unknown)}")
         defaults = dict(opt_cls.rule.defaults, **hyper)
         opt_cls.rule.check(defaults)
-        specs = _outer_groups(params, groups)
+        specs = _named_groups(params, groups)
         for i, (h, _) in enumerate(specs):
             bad = set(h) - set(defaults)
             if bad:

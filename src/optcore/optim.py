@@ -169,6 +169,33 @@ def _pairs(arg, name):
     return params, grads
 
 
+def _named_groups(params, groups):
+    """Split the names of a Parameters arena into groups: ``[(overrides, names)]``.
+
+    ``groups`` is a list of ``{"params": [names], <hyper>: value}`` dicts; the names no group
+    lists form a last group with no overrides. Unknown or repeated names raise ValueError.
+    """
+    if groups is not None and not isinstance(groups, (list, tuple)):
+        raise TypeError(f"groups must be a list of dicts, got {type(groups).__name__}")
+    specs, used = [], set()
+    for i, g in enumerate(groups or ()):
+        if (not isinstance(g, dict) or "params" not in g
+                or not isinstance(g["params"], (list, tuple))):
+            raise TypeError(f"groups[{i}] must be a dict with a 'params' list of names")
+        names = list(g["params"])
+        for n in names:
+            if n not in params:
+                raise ValueError(f"groups[{i}] names unknown parameter {n!r}")
+            if n in used:
+                raise ValueError(f"parameter {n!r} appears in more than one group")
+            used.add(n)
+        specs.append(({k: v for k, v in g.items() if k != "params"}, names))
+    rest = [n for n in params if n not in used]
+    if rest:
+        specs.append(({}, rest))
+    return specs
+
+
 class Optimizer:
     r"""Base class: parameter groups, ``step``, ``zero_grad``, ``state_dict``.
 
@@ -265,24 +292,10 @@ class Optimizer:
     def _group_specs(self, params, groups):
         """Return [(overrides, names, params, grads)] for every group."""
         if isinstance(params, Parameters):
-            specs, used = [], set()
-            for i, g in enumerate(groups or ()):
-                if (not isinstance(g, dict) or "params" not in g
-                        or not isinstance(g["params"], (list, tuple))):
-                    raise TypeError(f"groups[{i}] must be a dict with a 'params' list of names")
-                names = list(g["params"])
-                for n in names:
-                    if n not in params:
-                        raise ValueError(f"groups[{i}] names unknown parameter {n!r}")
-                    if n in used:
-                        raise ValueError(f"parameter {n!r} appears in more than one group")
-                    used.add(n)
-                h = {k: v for k, v in g.items() if k != "params"}
+            specs = []
+            for i, (h, names) in enumerate(_named_groups(params, groups)):
                 self._check_overrides(h, f"groups[{i}]")
                 specs.append((h, names, [params[n] for n in names], [params.grads[n] for n in names]))
-            rest = [n for n in params if n not in used]
-            if rest:
-                specs.append(({}, rest, [params[n] for n in rest], [params.grads[n] for n in rest]))
             return specs
         if groups is not None:
             raise TypeError("groups= is for a Parameters arena; pass group dicts as params instead")
