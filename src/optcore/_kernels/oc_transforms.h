@@ -19,7 +19,7 @@
 #include "oc_common.h"
 
 #define OC_RESTRICT __restrict__
-#define OC_LANES 16     /* float32 partial sums per block (one AVX-512 register) */
+#define OC_TF_LANES 16     /* float32 partial sums per block (one AVX-512 register) */
 #define OC_BLOCK 1024   /* elements per float32 block before folding into float64 */
 
 /* ---- exponential moving average: a = d * a + (1 - d) * p ------------------------------ */
@@ -60,12 +60,12 @@ static inline __attribute__((always_inline)) double oc_sumsq_f64(const float *OC
     for (int64_t b = 0; b < n; b += OC_BLOCK) {
         const int64_t m = n - b < OC_BLOCK ? n - b : OC_BLOCK;
         const float *xb = x + b;
-        float lanes[OC_LANES] = {0};
+        float lanes[OC_TF_LANES] = {0};
         int64_t i = 0;
-        for (; i + OC_LANES <= m; i += OC_LANES)
-            for (int j = 0; j < OC_LANES; j++) lanes[j] += xb[i + j] * xb[i + j];
+        for (; i + OC_TF_LANES <= m; i += OC_TF_LANES)
+            for (int j = 0; j < OC_TF_LANES; j++) lanes[j] += xb[i + j] * xb[i + j];
         float block = 0.0f;
-        for (int j = 0; j < OC_LANES; j++) block += lanes[j];
+        for (int j = 0; j < OC_TF_LANES; j++) block += lanes[j];
         double s = (double)block;
         for (; i < m; i++) s += (double)xb[i] * (double)xb[i];
         if (!isfinite(block)) {
