@@ -4,6 +4,7 @@ import numpy as np
 
 from optcore import _checks as ck
 from optcore import kernels as K
+from optcore._batchnorm_functions import BN_LAYOUTS
 from optcore.params import Parameters, aligned_zeros
 
 __all__ = ["BatchNorm"]
@@ -85,8 +86,8 @@ class BatchNorm:
         self.momentum = None if momentum is None else ck.in_range("momentum", momentum, 0.0, 1.0)
         self.affine = ck.boolean("affine", affine)
         self.track_running_stats = ck.boolean("track_running_stats", track_running_stats)
-        if not isinstance(layout, str) or layout not in K.BN_LAYOUTS:
-            raise ValueError(f"layout must be one of {K.BN_LAYOUTS}, got {layout!r}")
+        if not isinstance(layout, str) or layout not in BN_LAYOUTS:
+            raise ValueError(f"layout must be one of {BN_LAYOUTS}, got {layout!r}")
         self.layout = layout
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")

@@ -8,7 +8,52 @@ from optcore._kernels import _transforms
 from optcore._kernels._runtime import TensorList
 from optcore.params import Arena, Layout, Parameters
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "ema_update_"]
+
+
+def ema_update_(avg, param, decay):
+    r"""Exponential moving average of parameters, in place: ``avg`` moves toward ``param``.
+
+    .. math::
+        a \leftarrow \beta\, a + (1 - \beta)\, p
+
+    evaluated in float32 with :math:`1 - \beta` computed in float64; one sweep reading
+    ``avg`` and ``param`` and writing ``avg`` (the memory traffic of a triad).
+
+    Parameters
+    ----------
+    avg : ndarray or list of ndarray
+        The averages (updated), C-contiguous float32.
+    param : ndarray or list of ndarray
+        The current parameters (read only), same sizes as ``avg``.
+    decay : float
+        :math:`\beta` in [0, 1]; 0 copies ``param``, 1 leaves ``avg`` unchanged.
+
+    See Also
+    --------
+    optcore.EMA : keeps the average of a parameter arena, with warm-up, bias correction and
+        swapping for evaluation.
+
+    References
+    ----------
+    Polyak, Juditsky, "Acceleration of Stochastic Approximation by Averaging", 1992;
+    ``optax.ema``; the update of ``torch.optim.swa_utils.get_ema_multi_avg_fn`` and Keras's
+    ``use_ema`` (``ema_momentum`` is :math:`\beta`).
+
+    Examples
+    --------
+    >>> import numpy as np, optcore
+    >>> avg = np.zeros(3, np.float32); p = np.ones(3, np.float32)
+    >>> optcore.kernels.ema_update_(avg, p, 0.75)
+    >>> avg
+    array([0.25, 0.25, 0.25], dtype=float32)
+    """
+    decay = ck.in_range("decay", decay, 0.0, 1.0)
+    avgs = ck.array_list("avg", avg)
+    params = ck.array_list("param", param, writeable=False)
+    ck.same_sizes("avg", avgs, "param", params)
+    ck.no_overlap({"avg": avgs, "param": params})
+    _transforms.ema(TensorList([avgs, params]), decay)
 
 
 class EMA:

@@ -14,14 +14,45 @@ import math
 import numpy as np
 
 from optcore import _checks as ck
+from optcore._kernels import _norms
+from optcore._kernels._runtime import TensorList
 
-__all__ = ["GradScaler"]
+__all__ = ["GradScaler", "accumulate_"]
 
 
 def _f32(x):
     """Round to float32, as torch keeps the scale in a float32 tensor (inf when too large)."""
     with np.errstate(over="ignore"):
         return float(np.float32(x))
+
+
+def accumulate_(acc, grad, *, first=False):
+    r"""Gradient accumulation in place, in one pass: ``acc += grad`` (``acc = grad`` when
+    ``first``).
+
+    .. math::
+        a \leftarrow \begin{cases} g & \text{first} \\ a + g & \text{otherwise} \end{cases}
+
+    Parameters
+    ----------
+    acc : ndarray or list of ndarray
+        float32 C-contiguous accumulators, updated in place.
+    grad : ndarray or list of ndarray
+        The micro-batch gradients (read only), same sizes.
+    first : bool
+        Overwrite instead of adding (the first micro-batch of a window), so the accumulator
+        never needs zeroing.
+
+    References
+    ----------
+    ``optax.MultiSteps``; Keras ``gradient_accumulation_steps``.
+    """
+    ck.boolean("first", first)
+    accs = ck.array_list("acc", acc)
+    grads = ck.array_list("grad", grad, writeable=False)
+    ck.same_sizes("acc", accs, "grad", grads)
+    ck.no_overlap({"acc": accs, "grad": grads})
+    _norms.accumulate(TensorList([accs, grads]), 1, 0, first)
 
 
 class GradScaler:
