@@ -257,18 +257,25 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
         int fail = 0;
         float *H = oc_bn_replicate(hi, C, kr, &fail);
         double *part = (double *)malloc(sizeof(double) * (size_t)(2 * items * C + 1));
-        double *scratch = (double *)malloc(sizeof(double) * (size_t)(2 * items * T + 1));
-        if (fail || part == NULL || scratch == NULL) {
-            free(H); free(part); free(scratch);
+        if (fail || part == NULL) {
+            free(H); free(part);
             return -1;
         }
+        /* The float64 scratch tiles are each item's own (a few KiB, reused from the heap):
+         * allocating them for all items of a call at once cost page faults on every call. */
         OC_PARALLEL_FOR(oc_team_size(ex, total), ex, it, items, {
             int64_t r0 = it * R, r1 = r0 + R < sh->rows ? r0 + R : sh->rows;
-            oc_bn_rows_item(mode, sh, x, dy, H, kr, r0, r1, part + 2 * it * C,
-                            part + (2 * it + 1) * C, scratch + 2 * it * T, scratch + (2 * it + 1) * T);
+            double *d = (double *)malloc(sizeof(double) * (size_t)(2 * T));
+            if (d == NULL) __atomic_store_n(&fail, 1, __ATOMIC_RELAXED);
+            else oc_bn_rows_item(mode, sh, x, dy, H, kr, r0, r1, part + 2 * it * C,
+                                 part + (2 * it + 1) * C, d, d + T);
+            free(d);
         });
         free(H);
-        free(scratch);
+        if (fail) {
+            free(part);
+            return -1;
+        }
         for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
         for (int64_t it = 0; it < items; it++) {
             const double *p1 = part + 2 * it * C, *p2 = p1 + C;
