@@ -37,6 +37,16 @@ def _bn_geometry(x, layout):
     return int(rows), int(C), int(S), planar
 
 
+def _bn_inputs(x, gamma, beta, layout):
+    """Check ``x`` and the optional affine vectors; return ``(rows, C, S, planar)``."""
+    ck.float32_buffer("x", x, writeable=False)
+    geometry = _bn_geometry(x, layout)
+    for name, v in (("gamma", gamma), ("beta", beta)):
+        if v is not None:
+            _bn_channel(name, v, geometry[1])
+    return geometry
+
+
 def _bn_channel(name, v, C, *, writeable=False, allow_float64=False):
     """Check a per-channel vector: a 1-D C-contiguous array of C elements."""
     if allow_float64 and isinstance(v, np.ndarray):
@@ -174,12 +184,7 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
     Ioffe, Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing
     Internal Covariate Shift", ICML 2015; ``torch.nn.functional.batch_norm``.
     """
-    ck.float32_buffer("x", x, writeable=False)
-    rows, C, S, planar = _bn_geometry(x, layout)
-    if gamma is not None:
-        _bn_channel("gamma", gamma, C)
-    if beta is not None:
-        _bn_channel("beta", beta, C)
+    rows, C, S, planar = _bn_inputs(x, gamma, beta, layout)
     eps = _bn_eps(eps)
     momentum = ck.in_range("momentum", momentum, 0.0, 1.0)
     if (running_mean is None) != (running_var is None):
@@ -256,12 +261,7 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5, 
     Ioffe, Szegedy, ICML 2015, algorithm 2; ``torch.nn.functional.batch_norm`` with
     ``training=False``.
     """
-    ck.float32_buffer("x", x, writeable=False)
-    rows, C, S, planar = _bn_geometry(x, layout)
-    if gamma is not None:
-        _bn_channel("gamma", gamma, C)
-    if beta is not None:
-        _bn_channel("beta", beta, C)
+    rows, C, S, planar = _bn_inputs(x, gamma, beta, layout)
     _bn_channel("running_mean", running_mean, C)
     _bn_channel("running_var", running_var, C)
     eps = _bn_eps(eps)
