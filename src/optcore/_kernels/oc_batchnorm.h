@@ -244,6 +244,18 @@ OC_AI void oc_bn_unit(const oc_bn_shape *sh, int64_t segs, int64_t p, int64_t se
     *len = segs > 1 && rest > OC_CHUNK ? OC_CHUNK : rest;
 }
 
+/* s1[c], s2[c] = the sums of the items' partials (item it holds part[2*it*C + c] and
+ * part[(2*it + 1)*C + c]), added in item order: the fixed order that makes the result
+ * independent of the thread count. */
+static inline void oc_bn_combine(const double *part, int64_t items, int64_t C, double *s1,
+                                 double *s2) {
+    for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
+    for (int64_t it = 0; it < items; it++) {
+        const double *p1 = part + 2 * it * C, *p2 = p1 + C;
+        for (int64_t c = 0; c < C; c++) { s1[c] += p1[c]; s2[c] += p2[c]; }
+    }
+}
+
 /* Per-channel sums s1[c], s2[c] (float64) of mode 0 (d, d*d) or mode 1 (dy, dy*d), with
  * d = x - hi[c]. dy is only read in mode 1. Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
@@ -276,11 +288,7 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
             free(part);
             return -1;
         }
-        for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
-        for (int64_t it = 0; it < items; it++) {
-            const double *p1 = part + 2 * it * C, *p2 = p1 + C;
-            for (int64_t c = 0; c < C; c++) { s1[c] += p1[c]; s2[c] += p2[c]; }
-        }
+        oc_bn_combine(part, items, C, s1, s2);
         free(part);
         return 0;
     }
@@ -305,11 +313,7 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
             p2[c] += oc_bn_lane_sum(F.s2);
         }
     });
-    for (int64_t c = 0; c < C; c++) { s1[c] = 0.0; s2[c] = 0.0; }
-    for (int64_t it = 0; it < items; it++) {
-        const double *p1 = part + 2 * it * C, *p2 = p1 + C;
-        for (int64_t c = 0; c < C; c++) { s1[c] += p1[c]; s2[c] += p2[c]; }
-    }
+    oc_bn_combine(part, items, C, s1, s2);
     free(part);
     return 0;
 }
