@@ -147,6 +147,20 @@ def test_size_one_is_the_plain_optimizer_bitwise(cls):
                                        if ".state." in k)
 
 
+def test_size_one_l1_matches_plain():
+    """The fused L1 proximal step reaches the sharded update (it shares Optimizer._update)."""
+    p, q = _params(), _params()
+    plain = optcore.Adam(p, lr=1e-2, l1=0.5)
+    sharded = D.ShardedOptimizer(optcore.Adam, q, SELF, lr=1e-2, l1=0.5)
+    for s in range(3):
+        _grads(p, s)
+        _grads(q, s)
+        plain.step()
+        sharded.step()
+    assert np.count_nonzero(p.flat == 0) > 0  # L1 made exact zeros
+    assert np.array_equal(p.flat, q.flat)
+
+
 def test_size_one_clipping_matches_clip_then_plain_step():
     p, q = _params(), _params()
     plain = optcore.Adam(p, lr=1e-2)

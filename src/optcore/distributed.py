@@ -27,7 +27,6 @@ import weakref
 import numpy as np
 
 from optcore import _checks as ck
-from optcore import _rules
 from optcore import clip as _clip
 from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
@@ -550,7 +549,8 @@ class ShardedOptimizer:
                 factor = _clip.factor(norm, self.clip.max_norm)
         elif isinstance(self.clip, _clip.Value):
             clamp = self.clip.limit
-        _scaled_step(inner, hypers, factor / self.size, clamp)
+        # the update half of the plain step; the norm pass was the ranks' combined one
+        inner._update(hypers, factor / self.size, [None] * len(inner._groups), clamp)
         for pg, ipg in zip(self.param_groups, inner.param_groups):
             pg["lr"] = ipg["lr"]
         if self.size > 1:
@@ -701,17 +701,3 @@ class ShardedOptimizer:
     def __repr__(self):
         return (f"ShardedOptimizer({self.opt_cls.__name__}, rank {self.rank}/{self.size}, "
                 f"elements [{self.lo}, {self.hi}) of {self.params.layout.total})")
-
-
-def _scaled_step(opt, hypers, grad_scale, clamp):
-    """One update of a plain optimizer (built without clip/nonfinite/accumulate options)
-    reading the gradient as ``clamp(grad * grad_scale)`` on the fly, with hyper-parameters
-    already checked by ``opt._checked_hyper``: the update half of ``Optimizer.step``, whose
-    norm pass is replaced here by the ranks' combined one."""
-    for h, g, pg in zip(hypers, opt._groups, opt.param_groups):
-        go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
-                              decoupled=opt.rule.decoupled(h), maximize=h["maximize"],
-                              grad_scale=grad_scale, clamp=clamp)
-        opt.rule.run(g.table, go, h, g.step + 1, g.scalars)
-        g.step += 1
-        pg["lr"] = h["lr"]

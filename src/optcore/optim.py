@@ -465,6 +465,17 @@ class Optimizer:
             clamp = clip.limit
         elif isinstance(clip, _clip.Adaptive):
             tensor_scale, clip_factor = self._unit_factors(sums, mult, clip)
+        self._update(hypers, scale, tensor_scale, clamp)
+        self._micro = 0
+        if scaler is not None:
+            scaler.update(False)
+        return StepResult(grad_norm, clip_factor, False, loss_scale, True)
+
+    def _update(self, hypers, scale, tensor_scale, clamp):
+        """The update half of :meth:`step`: one fused kernel call per group reading the
+        gradient as ``clamp(grad * scale * tensor_scale)``, then the learning rates are stored
+        and the constraints applied. ``hypers`` come from :meth:`_checked_hyper`;
+        ``tensor_scale`` holds one per-tensor factor array (or None) per group."""
         for h, g, ts in zip(hypers, self._groups, tensor_scale):
             go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
                                   decoupled=self.rule.decoupled(h), maximize=h["maximize"],
@@ -474,10 +485,6 @@ class Optimizer:
         self._store_lr(hypers)
         for c, w in self._constraints:
             c(w)
-        self._micro = 0
-        if scaler is not None:
-            scaler.update(False)
-        return StepResult(grad_norm, clip_factor, False, loss_scale, True)
 
     def _store_lr(self, hypers):
         for h, pg in zip(hypers, self.param_groups):
