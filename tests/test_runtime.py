@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import optcore
-from optcore._kernels import _runtime
+from optcore._kernels import _norms, _runtime
+from optcore._kernels._runtime import TensorList
 
 from test_kernels import CONFIGS, CONFIG_IDS, kernel_call, make_state
 
@@ -231,3 +232,14 @@ def test_optimizer_classes_bitwise_identical_with_1_and_2_threads(cls):
         out.append((params.flat.tobytes(),
                     [np.asarray(v).tobytes() for v in opt.state_dict().values()]))
     assert out[0] == out[1]
+
+
+def test_tensor_list_from_addresses_matches_buffer_protocol_table():
+    arrays = [np.arange(n, dtype=np.float32) for n in (3, 70000, 0, 5)]
+    addrs = np.array([a.ctypes.data for a in arrays], dtype=np.uint64)
+    by_addr = TensorList.from_addresses([a.size for a in arrays], [addrs], arrays)
+    by_buffer = TensorList([arrays])
+    assert by_addr.total == by_buffer.total and by_addr.nchunks == by_buffer.nchunks
+    np.testing.assert_array_equal(_norms.sumsq(by_addr, 0)[0], _norms.sumsq(by_buffer, 0)[0])
+    with pytest.raises(ValueError, match="needs 4 addresses"):
+        by_addr.set_slot_addresses(1, addrs[:2], arrays)

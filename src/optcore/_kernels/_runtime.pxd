@@ -31,4 +31,5 @@ cdef class TensorList:
     cdef object _chunk_start
     cdef list _tables
     cdef list _refs
+    cdef _layout(self, lengths)
     cdef _set(self, Py_ssize_t s, arrays)

@@ -129,9 +129,35 @@ cdef class TensorList:
         cdef Py_ssize_t s, nslots = len(slots)
         if nslots > OC_MAX_SLOTS:
             raise ValueError(f"at most {OC_MAX_SLOTS} slots, got {nslots}")
-        first = slots[0]
-        self.ntensors = len(first)
-        lengths = np.array([a.size for a in first], dtype=np.int64)
+        self._layout(np.array([a.size for a in slots[0]], dtype=np.int64))
+        self._refs = [list(x) if x is not None else None for x in slots]
+        for s in range(nslots):
+            self._set(s, slots[s])
+
+    @classmethod
+    def from_addresses(cls, lengths, addresses, refs):
+        """A table over raw addresses (e.g. ``torch.Tensor.data_ptr()``), built without the
+        buffer protocol.
+
+        ``lengths`` holds the element count of every tensor; ``addresses`` is a sequence of up
+        to OC_MAX_SLOTS entries, each a uint64 array of one address per tensor or None.
+        ``refs`` is kept alive as long as the table: it must own every addressed buffer.
+        Validation (dtype float32, dense, same layout in every slot) is the caller's job.
+        """
+        cdef TensorList self = cls.__new__(cls)
+        cdef Py_ssize_t s, nslots = len(addresses)
+        if nslots > OC_MAX_SLOTS:
+            raise ValueError(f"at most {OC_MAX_SLOTS} slots, got {nslots}")
+        self._layout(np.ascontiguousarray(lengths, dtype=np.int64))
+        self._refs = [refs]
+        for s in range(nslots):
+            self.set_slot_addresses(s, addresses[s], None)
+        return self
+
+    cdef _layout(self, lengths):
+        """Record the tensor lengths and cut them into fixed chunks; every slot starts unset."""
+        self._tables = [None] * OC_MAX_SLOTS
+        self.ntensors = lengths.size
         self.lengths = lengths
         self.total = int(lengths.sum()) if self.ntensors else 0
         nchunks_per = (lengths + (OC_CHUNK - 1)) // OC_CHUNK
@@ -141,8 +167,6 @@ cdef class TensorList:
                        - np.repeat(first_chunk, nchunks_per)) * OC_CHUNK
         self._chunk_tensor = chunk_tensor
         self._chunk_start = chunk_start
-        self._refs = [list(x) if x is not None else None for x in slots]
-        self._tables = []
         self.c.ntensors = self.ntensors
         self.c.nchunks = chunk_tensor.size
         self.c.total = self.total
@@ -151,8 +175,6 @@ cdef class TensorList:
         self.c.chunk_start = _int64_ptr(chunk_start)
         for s in range(OC_MAX_SLOTS):
             self.c.slots[s] = NULL
-        for s in range(nslots):
-            self._set(s, slots[s])
 
     cdef _set(self, Py_ssize_t s, arrays):
         if arrays is None:
@@ -168,7 +190,7 @@ cdef class TensorList:
             PyObject_GetBuffer(arrays[i], &view, PyBUF_ANY_CONTIGUOUS)
             tv[i] = <uint64_t> <uintptr_t> view.buf
             PyBuffer_Release(&view)
-        self._tables.append(table)
+        self._tables[s] = table
         self.c.slots[s] = <float **> <uintptr_t> table.ctypes.data
 
     def set_slot(self, Py_ssize_t s, arrays):
@@ -178,6 +200,25 @@ cdef class TensorList:
         self._refs.extend([None] * (s + 1 - len(self._refs)))
         self._refs[s] = list(arrays) if arrays is not None else None
         self._set(s, arrays)
+
+    def set_slot_addresses(self, Py_ssize_t s, addresses, refs):
+        """Point slot ``s`` at raw addresses: a uint64 array with one address per tensor
+        (validated by the caller), or None to clear it. ``refs`` must own those buffers; it is
+        kept alive as long as the slot points at them."""
+        if not 0 <= s < OC_MAX_SLOTS:
+            raise ValueError(f"slot must be in [0, {OC_MAX_SLOTS}), got {s}")
+        self._refs.extend([None] * (s + 1 - len(self._refs)))
+        self._refs[s] = refs
+        if addresses is None:
+            self.c.slots[s] = NULL
+            return
+        table = np.ascontiguousarray(addresses, dtype=np.uint64)
+        if table.shape != (self.ntensors,):
+            raise ValueError(f"slot {s} needs {self.ntensors} addresses, got shape {table.shape}")
+        if self.ntensors == 0:
+            table = np.zeros(1, dtype=np.uint64)
+        self._tables[s] = table
+        self.c.slots[s] = <float **> <uintptr_t> table.ctypes.data
 
     @property
     def nchunks(self):

@@ -1,0 +1,15 @@
+"""optcore for PyTorch: ``torch.optim`` drop-ins, gradient clipping and batch-norm modules that
+run optcore's kernels on the tensors' own memory.
+
+Imported only as ``optcore.torch`` (``import optcore`` never imports torch). Tested with
+torch 2.13.0 (CPU build).
+"""
+try:
+    import torch as _torch
+except ImportError as exc:  # pragma: no cover - exercised only without torch
+    raise ImportError(
+        "optcore.torch needs PyTorch; install it with pip install 'optcore[torch]' "
+        "(optcore is tested with torch==2.13.0, CPU build)"
+    ) from exc
+
+__all__ = []
