@@ -24,6 +24,12 @@ cdef extern from "oc_norms.h" nogil:
         const int64_t *len
     void oc_norms_run(const oc_list *L, int sa, int sb, double *csq, float *cmax,
                       double *tsq, double *tmax, const oc_exec *ex)
+    enum: OC_PNORM_POW
+    enum: OC_PNORM_ABS
+    enum: OC_PNORM_COUNT
+    enum: OC_PNORM_MIN
+    void oc_pnorm_run(const oc_list *L, int s, int mode, double p, double *cpart,
+                      double *tpart, const oc_exec *ex)
     void oc_scale_run(const oc_list *L, int s, float scale, const float *ts, const oc_exec *ex)
     void oc_clamp_run(const oc_list *L, int s, float limit, float *cmax, unsigned char *cnan,
                       const oc_exec *ex)
@@ -69,6 +75,37 @@ def sumsq(TensorList tl, int slot=1, int slot2=-1):
         oc_norms_run(&tl.c, slot, slot2, pcsq, pcmax, ptsq, ptmax, &ex)
     exec_end(ex)
     return tsq, tmax
+
+
+def pnorm_parts(TensorList tl, int slot, double p):
+    """One read pass over slot ``slot`` for a p-norm other than 2 and inf.
+
+    Returns one float64 per tensor: the sum of ``|x|**p`` (``p`` finite, not 0 or 2), the
+    count of nonzero elements (``p == 0``) or the minimum of ``|x|`` (``p == -inf``; +inf for
+    an empty tensor). NaN propagates. Bitwise independent of the thread count.
+    """
+    _need_slot(tl, slot)
+    cdef int mode
+    if p == 0.0:
+        mode = OC_PNORM_COUNT
+    elif p == 1.0:
+        mode = OC_PNORM_ABS
+    elif p == -np.inf:
+        mode = OC_PNORM_MIN
+    elif np.isfinite(p) and p != 2.0:
+        mode = OC_PNORM_POW
+    else:
+        raise ValueError(f"pnorm_parts takes a finite p other than 2, or -inf; got {p}")
+    cpart = np.empty(max(tl.c.nchunks, 1), dtype=np.float64)
+    tpart = np.empty(max(tl.ntensors, 1), dtype=np.float64)
+    cdef double *pc = <double *> _ptr(cpart)
+    cdef double *pt = <double *> _ptr(tpart)
+    cdef oc_exec ex = exec_begin(tl.total)
+    ex.ftz = 0
+    with nogil:
+        oc_pnorm_run(&tl.c, slot, mode, p, pc, pt, &ex)
+    exec_end(ex)
+    return tpart[:tl.ntensors]
 
 
 def scale(TensorList tl, int slot, double factor, tensor_scale=None):

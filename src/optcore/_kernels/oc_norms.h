@@ -124,6 +124,54 @@ OC_CLONES static void oc_norms_run(const oc_list *L, int sa, int sb, double *csq
         if (tsq[t] != tsq[t]) tmax[t] = NAN;
 }
 
+/* ---- p-norms other than 2 and inf ------------------------------------------------------ */
+
+/* What one pass sums per chunk, in float64: |x|^p (any p other than 0, 1, 2, +-inf), |x|
+ * (p = 1), the count of x != 0 (p = 0, NaN counts), or the minimum of |x| (p = -inf, NaN if
+ * any element is NaN). The mode is chosen outside the element loop. */
+enum { OC_PNORM_POW = 0, OC_PNORM_ABS = 1, OC_PNORM_COUNT = 2, OC_PNORM_MIN = 3 };
+
+static inline __attribute__((always_inline)) void
+oc_pnorm_chunk(const oc_list *L, int s, int mode, double p, double *cpart, int64_t c) {
+    const float *x = oc_slot(L, s, c);
+    const int64_t n = oc_chunk_len(L, c);
+    double acc = 0.0;
+    if (mode == OC_PNORM_ABS) {
+        for (int64_t i = 0; i < n; i++) acc += fabs((double)x[i]);
+    } else if (mode == OC_PNORM_COUNT) {
+        for (int64_t i = 0; i < n; i++) acc += x[i] != 0.0f ? 1.0 : 0.0;
+    } else if (mode == OC_PNORM_MIN) {
+        int nan = 0;
+        acc = INFINITY;
+        for (int64_t i = 0; i < n; i++) {
+            const double a = fabs((double)x[i]);
+            nan |= a != a;
+            acc = a < acc ? a : acc;
+        }
+        if (nan) acc = NAN;
+    } else {
+        for (int64_t i = 0; i < n; i++) acc += pow(fabs((double)x[i]), p);
+    }
+    cpart[c] = acc;
+}
+
+/* Per-chunk partials of slot s (see OC_PNORM_*) into cpart, then per tensor into tpart: the
+ * sum of its chunks in index order, or for OC_PNORM_MIN their minimum (NaN propagates; an
+ * empty tensor gives +inf). Bitwise independent of the thread count. */
+OC_CLONES static void oc_pnorm_run(const oc_list *L, int s, int mode, double p, double *cpart,
+                                   double *tpart, const oc_exec *ex) {
+    OC_FOR_EACH_CHUNK(L, ex, c, oc_pnorm_chunk(L, s, mode, p, cpart, c));
+    const double init = mode == OC_PNORM_MIN ? INFINITY : 0.0;
+    for (int64_t t = 0; t < L->ntensors; t++) tpart[t] = init;
+    for (int64_t c = 0; c < L->nchunks; c++) {
+        const int64_t t = L->chunk_tensor[c];
+        const double v = cpart[c];
+        if (mode != OC_PNORM_MIN) tpart[t] += v;
+        else if (v != v || tpart[t] != tpart[t]) tpart[t] = NAN;
+        else tpart[t] = v < tpart[t] ? v : tpart[t];
+    }
+}
+
 /* ---- in-place passes ---------------------------------------------------------------- */
 
 /* x *= scale * tensor_scale[t] (tensor_scale may be NULL). */

@@ -12,4 +12,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "(optcore is tested with torch==2.13.0, CPU build)"
     ) from exc
 
-__all__ = []
+from optcore.torch.clip import (  # noqa: E402
+    clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm,
+)
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
