@@ -12,4 +12,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "(optcore is tested with torch==2.13.0, CPU build)"
     ) from exc
 
-__all__ = []
+from optcore.torch.optim import SGD, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop  # noqa: E402
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
