@@ -203,11 +203,9 @@ class _Optimizer(torch.optim.Optimizer):
             grads = list(map(_grad, group["params"]))
             plan = self._plans[gi]
             pending = None
-            if plan is not None and plan.current(group, grads, names):
-                pending = plan.refresh(grads)
-                if pending is False:
-                    plan = None
-            if plan is None:
+            if plan is not None:
+                pending = plan.refresh(grads) if plan.current(group, grads, names) else False
+            if plan is None or pending is False:
                 plan = Plan(self, gi, group, grads, names)
                 pending = None
             work.append((plan, pending, h))
