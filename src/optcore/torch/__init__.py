@@ -15,5 +15,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 from optcore.torch.clip import (  # noqa: E402
     clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm,
 )
+from optcore.torch.optim import SGD, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop  # noqa: E402
 
-__all__ = ["clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
+           "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
