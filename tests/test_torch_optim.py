@@ -306,3 +306,34 @@ def test_signatures_match_torch():
         for k, p in theirs.items():
             assert ours[k].default == p.default and ours[k].kind == p.kind, (name, k)
         assert ours["clip"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "Adamax", "NAdam"])
+def test_scalar_and_empty_parameters(name):
+    """0-d and empty parameters are tensors like the others (torch updates them too)."""
+    def params():
+        torch.manual_seed(0)
+        return [torch.randn((), requires_grad=True), torch.zeros(0, 3, requires_grad=True),
+                torch.randn(5, requires_grad=True)]
+
+    pa, pb = params(), params()
+    oa = getattr(ot, name)(pa, lr=1e-2)
+    ob = getattr(torch.optim, name)(pb, lr=1e-2, foreach=False)
+    for t in range(20):
+        for ps, o in ((pa, oa), (pb, ob)):
+            o.zero_grad()
+            (ps[0] ** 2 * ps[2].sum() + ps[1].sum() + (ps[2] ** 3).sum()).backward()
+            o.step()
+    for a, b in zip(pa, pb):
+        assert_close(a.detach(), b.detach())
+
+
+def test_step_hooks_and_schedulers_see_a_torch_optimizer():
+    m = Net()
+    opt = ot.Adam(m.parameters(), lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    train(m, opt, batches(2))
+    assert calls == ["pre", "post", "pre", "post"]
+    assert opt.last_result.applied and opt.last_result.grad_norm is None

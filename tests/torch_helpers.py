@@ -102,15 +102,26 @@ def snapshot(model, opt):
     return params, grads, state
 
 
+def bitwise_equal(a, b):
+    """Equal bits (NaN included), same shape and dtype."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.layout != b.layout:
+        return False
+    if a.is_sparse:
+        a, b = a.to_dense(), b.to_dense()
+    if a.is_floating_point():
+        a, b = a.contiguous().view(torch.int32), b.contiguous().view(torch.int32)
+    return torch.equal(a, b)
+
+
 def assert_unchanged(before, model, opt):
     after = snapshot(model, opt)
     for a, b in zip(before[0], after[0]):
-        assert torch.equal(a, b)
+        assert bitwise_equal(a, b)
     for a, b in zip(before[1], after[1]):
-        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+        assert (a is None) == (b is None) and (a is None or bitwise_equal(a, b))
     assert sorted(before[2]) == sorted(after[2])
     for i in before[2]:
         assert sorted(before[2][i]) == sorted(after[2][i])
         for k, v in before[2][i].items():
             w = after[2][i][k]
-            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w
+            assert bitwise_equal(v, w) if isinstance(v, torch.Tensor) else v == w

@@ -29,6 +29,7 @@ _is = operator.is_
 _ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
 _contiguous = torch.Tensor.is_contiguous
+_dtype = operator.attrgetter("dtype")
 
 
 def param_name(gi, j):
@@ -198,9 +199,12 @@ class Plan:
             return False
         if all(map(_is, gs, self.grads)):
             return None if np.array_equal(_pointers(gs), self.gptrs) else False
+        # torch's grad setter and autograd guarantee the parameter's dtype, device and shape
+        # for a new gradient; its dtype is checked anyway (``g.data = ...`` bypasses both)
         try:
-            ok = (all(map(_contiguous, gs)) if self.contiguous
-                  else list(map(_stride, gs)) == self.strides)
+            ok = (all(map(_is, map(_dtype, gs), repeat(torch.float32)))
+                  and (all(map(_contiguous, gs)) if self.contiguous
+                       else list(map(_stride, gs)) == self.strides))
             gptrs = _pointers(gs) if ok else None
         except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
             ok = False
