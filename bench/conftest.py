@@ -23,6 +23,21 @@ from optcore import bench as ob
 
 SMOKE = os.environ.get("OPTCORE_BENCH_SMOKE", "") not in ("", "0")
 SMOKE_MAX_ELEMENTS = 1 << 16
+SMOKE_MAX_TENSORS = 64
+
+
+def layout(spec):
+    """The :class:`optcore.bench.Layout` of ``spec``; in smoke mode, shrunk to at most
+    SMOKE_MAX_ELEMENTS elements and SMOKE_MAX_TENSORS tensors with the same kind of structure
+    (one tensor or many)."""
+    lay = ob.parse_size(spec)
+    if not SMOKE:
+        return lay
+    if lay.ntensors == 1:
+        return ob.Layout(spec, [(min(lay.elements, SMOKE_MAX_ELEMENTS // 2),)])
+    sizes = lay.sizes[:SMOKE_MAX_TENSORS]
+    per = max(1, SMOKE_MAX_ELEMENTS // (2 * len(sizes)))
+    return ob.Layout(spec, [(min(s, per),) for s in sizes])
 
 
 class ProbeLimits:

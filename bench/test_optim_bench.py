@@ -17,26 +17,11 @@ import pytest
 import optcore
 from optcore import bench as ob
 
-from conftest import SMOKE, SMOKE_MAX_ELEMENTS
-
-SMOKE_MAX_TENSORS = 64
+from conftest import layout as _layout
 
 LAYOUTS = ["1M", "16M", "64M", "resnet50", "1000x1000", "flat:1000x1000"]
 THREADS = [1, 2]
 IMPLS = ["optcore", "numpy", "torch"]
-
-
-def _layout(spec):
-    """The layout of ``spec``; in smoke mode, shrunk to at most SMOKE_MAX_ELEMENTS elements and
-    SMOKE_MAX_TENSORS tensors with the same kind of structure (one tensor or many)."""
-    lay = ob.parse_size(spec)
-    if not SMOKE:
-        return lay
-    if lay.ntensors == 1:
-        return ob.Layout(spec, [(min(lay.elements, SMOKE_MAX_ELEMENTS // 2),)])
-    sizes = lay.sizes[:SMOKE_MAX_TENSORS]
-    per = max(1, SMOKE_MAX_ELEMENTS // (2 * len(sizes)))
-    return ob.Layout(spec, [(min(s, per),) for s in sizes])
 
 
 def _rounds(elements):

@@ -27,29 +27,17 @@ import pytest
 import optcore
 from optcore import bench as ob
 
-from conftest import SMOKE, SMOKE_MAX_ELEMENTS
+from conftest import SMOKE, SMOKE_MAX_TENSORS
+from conftest import layout as _layout
 
 torch = pytest.importorskip("torch")
 import optcore.torch as ot  # noqa: E402
 
-SMOKE_MAX_TENSORS = 64
 THREADS = [1, 2]
 IMPLS = ["optcore.torch", "pairs", "torch"]
 LAYOUTS = {"16M": ob.OPTIMIZERS, "resnet50": ob.OPTIMIZERS, "1000x1000": ("adam",)}
 _CLASS = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
           "adamw": "AdamW", "adamax": "Adamax", "nadam": "NAdam"}
-
-
-def _layout(spec):
-    """The layout of ``spec``, shrunk in smoke mode as bench/test_optim_bench.py does."""
-    lay = ob.parse_size(spec)
-    if not SMOKE:
-        return lay
-    if lay.ntensors == 1:
-        return ob.Layout(spec, [(min(lay.elements, SMOKE_MAX_ELEMENTS // 2),)])
-    sizes = lay.sizes[:SMOKE_MAX_TENSORS]
-    per = max(1, SMOKE_MAX_ELEMENTS // (2 * len(sizes)))
-    return ob.Layout(spec, [(min(s, per),) for s in sizes])
 
 
 def _rounds(elements):

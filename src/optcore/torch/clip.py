@@ -51,7 +51,7 @@ class _Table:
     freed (so an id cannot have been reused by a new object). It holds no reference to the
     gradients: a cached table never keeps freed gradient memory alive."""
 
-    __slots__ = ("ids", "ptrs", "table", "has_empty", "_alive", "_refs")
+    __slots__ = ("ids", "ptrs", "table", "has_empty", "_dead", "_refs")
 
     def __init__(self, grads, writeable, label):
         n = len(grads)
@@ -75,12 +75,19 @@ class _Table:
         # The table is used only while the caller holds ``grads``, proven to be these very
         # objects at these addresses (see ``matches``): it needs no reference of its own.
         self.table = TensorList.from_addresses(lengths, [addr], None)
-        alive = self._alive = [True]
-        self._refs = [weakref.ref(g, lambda _, a=alive: a.clear()) for g in grads]
+        # One shared callback (a bound builtin): a lambda per tensor costs GC pauses of up to
+        # ~0.1 s every few rebuilds in a process holding torch's many objects (measured).
+        self._dead = []
+        self._refs = list(map(weakref.ref, grads, [self._dead.append] * n))
+
+    @property
+    def alive(self):
+        """Whether every gradient of the table still exists (so no id was reused)."""
+        return not self._dead
 
     def matches(self, grads):
         """Whether ``grads`` are the objects this table was built for, at the same addresses."""
-        return (bool(self._alive) and list(map(id, grads)) == self.ids
+        return (not self._dead and list(map(id, grads)) == self.ids
                 and list(map(_data_ptr, grads)) == self.ptrs)
 
 
@@ -94,7 +101,7 @@ def _table(grads, writeable, label):
     if hit is not None and hit.matches(grads):
         return hit
     entry = _Table(grads, writeable, label)
-    for k in [k for k, v in _TABLES.items() if not v._alive]:
+    for k in [k for k, v in _TABLES.items() if not v.alive]:
         del _TABLES[k]
     _TABLES.pop(key, None)
     while len(_TABLES) >= _CACHE_SIZE:
