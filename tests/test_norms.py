@@ -235,3 +235,47 @@ def test_64M_mixed_magnitudes_within_1e_minus6():
         parts.append(float(np.sum(x[i:i + piece].astype(np.float64) ** 2)))
     ref = math.sqrt(math.fsum(parts))
     assert clip.global_norm(x) == pytest.approx(ref, rel=1e-6)
+
+
+# ---- p-norm partials (norm_type other than 2 and inf, used by optcore.torch) ----------------
+
+
+def _ref_parts(arrays, p):
+    """float64 NumPy: sum |x|^p, the count of nonzeros (p = 0) or min |x| (p = -inf)."""
+    out = []
+    for a in arrays:
+        x = np.abs(a.astype(np.float64)).ravel()
+        if p == 0:
+            out.append(float(np.count_nonzero(x)))
+        elif p == -math.inf:
+            out.append(float(x.min()) if x.size else math.inf)
+        else:
+            with np.errstate(divide="ignore"):
+                out.append(float(np.sum(x ** p)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 3.0, 0.5, -1.0, -math.inf])
+def test_pnorm_parts_match_float64_and_threads(p):
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (70_001, 0, 5, 40_000)]
+    arrays[2][1] = 0.0
+    tl = TensorList([arrays])
+    got = []
+    for threads in (1, 2):
+        optcore.set_num_threads(threads)
+        got.append(_norms.pnorm_parts(tl, 0, p))
+    np.testing.assert_array_equal(got[0], got[1])  # bitwise, any thread count
+    # float64 terms summed in chunk order vs NumPy's pairwise sum: ~1e-12 relative apart
+    np.testing.assert_allclose(got[0], _ref_parts(arrays, p), rtol=1e-11, atol=0)
+
+
+def test_pnorm_parts_nan_propagates_and_bad_p():
+    a = [np.array([1.0, np.nan, 0.0], np.float32)]
+    tl = TensorList([a])
+    assert np.isnan(_norms.pnorm_parts(tl, 0, 1.0)[0])
+    assert np.isnan(_norms.pnorm_parts(tl, 0, -math.inf)[0])
+    assert _norms.pnorm_parts(tl, 0, 0.0)[0] == 2.0  # NaN counts as nonzero, as torch
+    for bad in (2.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="pnorm_parts"):
+            _norms.pnorm_parts(tl, 0, bad)

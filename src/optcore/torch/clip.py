@@ -21,6 +21,7 @@ is cached and reused while the same gradient objects sit at the same addresses; 
 rebuilt, with every check, when any of them is new, was freed or moved.
 """
 import math
+import operator
 import types
 import warnings
 import weakref
@@ -36,6 +37,7 @@ from optcore.torch import _tensors as tt
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_"]
 
+_grad = operator.attrgetter("grad")
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 _is_contiguous = torch.Tensor.is_contiguous
@@ -148,7 +150,7 @@ def _param_grads(parameters, *, warn_empty_generator=False):
         if warn_empty_generator and is_generator and not params:
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                           stacklevel=3)
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [g for g in map(_grad, params) if g is not None]
 
     def label(k):
         if single:
@@ -186,9 +188,9 @@ def _nonfinite_error(p):
 def _norm(grads, label, p, error_if_nonfinite, writeable):
     """(total norm as a 0-d float32 tensor, table entry or None)."""
     if not grads:
-        return torch.tensor(0.0), None
+        return torch.scalar_tensor(0.0), None
     entry = _table(grads, writeable, label)
-    total = torch.tensor(_total(entry, p), dtype=_F32)
+    total = torch.scalar_tensor(_total(entry, p), dtype=_F32)
     if error_if_nonfinite and not math.isfinite(total.item()):
         raise _nonfinite_error(p)
     return total, entry
