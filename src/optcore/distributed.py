@@ -27,8 +27,8 @@ import weakref
 import numpy as np
 
 from optcore import _checks as ck
-from optcore._fused import NONFINITE as _NONFINITE
 from optcore import clip as _clip
+from optcore._fused import NONFINITE as _NONFINITE
 from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
 from optcore.optim import Optimizer, StepResult, _named_groups
