@@ -10,9 +10,12 @@ phases, so that a bad tensor of any group raises before anything of the step is 
 From one step to the next only the gradients usually change (``zero_grad(set_to_none=True)``
 makes backward allocate new ones), and the plan keeps no reference to a gradient between
 steps (that would keep a second set of gradients alive through the next backward): at each
-step :meth:`Plan.refresh` checks the gradients with the cheapest sound test (dtype and one
-``is_contiguous`` per gradient when the parameters are contiguous, else a stride comparison)
-and re-points only the gradient slot. A parameter whose
+step :meth:`Plan.refresh` checks the gradients with the cheapest sound test and re-points only
+the gradient slot. torch's ``.grad`` setter and autograd already guarantee a gradient the
+parameter's dtype, device and shape; what remains is one ``is_contiguous`` per gradient when
+the parameters are contiguous (else a comparison of strides), which also refuses sparse
+gradients (they raise on it). Assigning ``p.grad.data`` bypasses torch's guarantees and is
+not supported. A parameter whose
 storage was replaced (``p.data = ...``), a new gradient pattern (a gradient became None), new
 state tensors (``load_state_dict``) or other state buffers (e.g. ``momentum`` switched on)
 rebuild the plan.
@@ -31,7 +34,6 @@ _is = operator.is_
 _ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
 _contiguous = torch.Tensor.is_contiguous
-_dtype = operator.attrgetter("dtype")
 
 
 def param_name(gi, j):
@@ -137,6 +139,7 @@ class Plan:
         self.gi = gi
         self.group_params = list(ps)
         self.mask = tuple(map(_is, grads, repeat(None)))
+        self.dense = not any(self.mask)
         self.js = [j for j, g in enumerate(grads) if g is not None]
         self.params = [ps[j] for j in self.js]
         self.grads = [grads[j] for j in self.js]
@@ -153,7 +156,8 @@ class Plan:
         self.contiguous = all(map(_contiguous, self.params))
         self.strides = list(map(_stride, self.params))
         self.lengths = tt.lengths(self.params)
-        self.pptrs = _pointers(self.params)
+        self.pptr_list = list(map(_ptr, self.params))
+        self.pptrs = np.array(self.pptr_list, dtype=np.uint64).reshape(-1)
         self.gptrs = _pointers(self.grads)
         # existing state: every buffer this configuration needs, in the parameter's shape
         self.fresh = []
@@ -194,21 +198,22 @@ class Plan:
         ps = group["params"]
         return (state_names == self.state_names and len(ps) == len(self.group_params)
                 and all(map(_is, ps, self.group_params))
-                and tuple(map(_is, grads, repeat(None))) == self.mask)
+                and (not any(map(_is, grads, repeat(None))) if self.dense
+                     else tuple(map(_is, grads, repeat(None))) == self.mask))
 
     def refresh(self, grads):
         """Check this step's gradients; return ``(grads, pointers)`` for :meth:`set_grads`,
         or False when a parameter's storage changed (``p.data = ...``: rebuild the plan).
         Raises naming the first bad gradient; writes nothing."""
         gs = grads if len(self.js) == len(grads) else [grads[j] for j in self.js]
-        if not np.array_equal(_pointers(self.params), self.pptrs):
+        if list(map(_ptr, self.params)) != self.pptr_list:
             return False
-        # torch's grad setter and autograd guarantee the parameter's dtype, device and shape
-        # for a gradient; its dtype is checked anyway (``g.data = ...`` bypasses both)
+        # torch's grad setter and autograd guarantee the parameter's dtype, device and shape;
+        # not its strides, nor a dense layout (a sparse tensor raises on is_contiguous,
+        # stride and data_ptr)
         try:
-            ok = (all(map(_is, map(_dtype, gs), repeat(torch.float32)))
-                  and (all(map(_contiguous, gs)) if self.contiguous
-                       else list(map(_stride, gs)) == self.strides))
+            ok = (all(map(_contiguous, gs)) if self.contiguous
+                  else list(map(_stride, gs)) == self.strides)
             gptrs = _pointers(gs) if ok else None
         except (RuntimeError, NotImplementedError):  # sparse and other storage-less tensors
             ok = False
