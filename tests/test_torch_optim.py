@@ -337,3 +337,18 @@ def test_step_hooks_and_schedulers_see_a_torch_optimizer():
     train(m, opt, batches(2))
     assert calls == ["pre", "post", "pre", "post"]
     assert opt.last_result.applied and opt.last_result.grad_norm is None
+
+
+@pytest.mark.parametrize("policy", [None, optcore.clip.Adaptive()])
+def test_gradients_are_freed_by_zero_grad(policy):
+    """The cached tables keep no reference to a gradient between steps: zero_grad() frees
+    them, as with torch.optim (else a second set of gradients would live through backward)."""
+    import gc
+    import weakref
+    m = Net()
+    opt = ot.Adam(m.parameters(), clip=policy)
+    train(m, opt, batches(2))
+    refs = [weakref.ref(p.grad) for p in m.parameters() if p.grad is not None]
+    opt.zero_grad()
+    gc.collect()
+    assert refs and all(r() is None for r in refs)

@@ -52,7 +52,7 @@ def test_bad_step_changes_nothing(name, bad, error, match, trained):
         p.grad = torch.zeros_like(p).to_sparse()
         where += " param 0"
     elif bad == "dtype":
-        p.grad.data = p.grad.data.double()  # past the .grad setter's checks
+        p.data = p.data.double()  # as model.double() after the optimizer was made
         where += " param 0"
     elif bad == "lr":
         group["lr"] = -1.0

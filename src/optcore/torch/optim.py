@@ -213,20 +213,29 @@ class _Optimizer(torch.optim.Optimizer):
             if not plan.committed:
                 plan.commit(self, self.param_groups[gi])
                 self._plans[gi] = plan
-            elif pending is not None:
+            else:
                 plan.set_grads(pending)
+        try:
+            self.last_result = self._update(work, grad_scale, found_inf)
+        finally:
+            for plan, _, _ in work:
+                plan.release()
+        return loss
+
+    def _update(self, work, grad_scale, found_inf):
+        """Everything of the step after validation: the scaler's skip, the norm pass and
+        clipping decision, one kernel call per part; returns the StepResult."""
         loss_scale = None if grad_scale is None else float(grad_scale)
         if found_inf is not None and float(found_inf) != 0.0:
-            return self._skipped(loss, loss_scale)
+            return self._skipped(loss_scale)
         parts = [part for plan, _, _ in work for part in plan.parts]
         if not parts:
-            self.last_result = StepResult(None, 1.0, False, loss_scale, False)
-            return loss
+            return StepResult(None, 1.0, False, loss_scale, False)
         mult = 1.0 if grad_scale is None else 1.0 / loss_scale
         d = _fused.decide(parts, self.clip, self.nonfinite, mult,
                           name_of=lambda i: self._tensor_name(work, i))
         if d is None:
-            return self._skipped(loss, loss_scale)
+            return self._skipped(loss_scale)
         k = 0
         for plan, _, h in work:
             decoupled = self.rule.decoupled(h)
@@ -242,14 +251,11 @@ class _Optimizer(torch.optim.Optimizer):
                 k += 1
             plan.advance(self)
             _increment_version(plan.params)
-        self.last_result = StepResult(d.grad_norm, d.clip_factor, False, loss_scale, True)
-        return loss
+        return StepResult(d.grad_norm, d.clip_factor, False, loss_scale, True)
 
-    def _skipped(self, loss, loss_scale):
+    def _skipped(self, loss_scale):
         self.skipped_steps += 1
-        self.last_result = StepResult(None, 1.0, True, loss_scale, False)
-        return loss
-
+        return StepResult(None, 1.0, True, loss_scale, False)
     @staticmethod
     def _tensor_name(work, i):
         for plan, _, _ in work:
