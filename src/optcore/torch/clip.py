@@ -49,9 +49,10 @@ _CACHE_SIZE = 8
 
 class _Table:
     """The kernel table over one list of gradients, with what proves it still applies: the
-    ids of the gradient objects, their addresses, and a flag cleared when any of them is
-    freed (so an id cannot have been reused by a new object). It holds no reference to the
-    gradients: a cached table never keeps freed gradient memory alive."""
+    ids of the gradient objects, their addresses, and weak references whose callback records
+    the death of any of them (so an id cannot have been reused by a new object). It holds no
+    strong reference to the gradients: a cached table never keeps freed gradient memory
+    alive."""
 
     __slots__ = ("ids", "ptrs", "table", "has_empty", "_dead", "_refs")
 
@@ -151,12 +152,14 @@ def _param_grads(parameters, *, warn_empty_generator=False):
             warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
                           stacklevel=3)
     grads = [g for g in map(_grad, params) if g is not None]
+    index = []  # filled on the first error message only
 
     def label(k):
         if single:
             return "parameters.grad"
-        index = [i for i, p in enumerate(params) if p.grad is not None][k]
-        return f"parameters[{index}].grad"
+        if not index:
+            index.extend(i for i, p in enumerate(params) if p.grad is not None)
+        return f"parameters[{index[k]}].grad"
 
     return grads, label
 
