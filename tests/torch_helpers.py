@@ -29,6 +29,13 @@ class Net(torch.nn.Module):
         return self.l2(torch.tanh(self.frozen(torch.tanh(self.l1(x)))))
 
 
+def wide(seed=0):
+    """A model with a 512 x 512 layer: large enough for the kernels to use several threads."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 512), torch.nn.Tanh(), torch.nn.Linear(512, 512),
+                               torch.nn.Tanh(), torch.nn.Linear(512, 3))
+
+
 def batches(n=100, seed=1, size=32):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(size, 6, generator=g), torch.randn(size, 3, generator=g))

@@ -172,12 +172,6 @@ class _Optimizer(torch.optim.Optimizer):
     def _init_state(self, group):
         """State a rule creates at construction (Adagrad); none by default."""
 
-    def load_state_dict(self, state_dict):
-        """Load a state saved by ``state_dict()`` of this class or of the torch.optim class of
-        the same name (and the reverse: torch's ``load_state_dict`` takes this class's
-        state); the kernel tables are rebuilt at the next step."""
-        super().load_state_dict(state_dict)
-
     # -- hyper-parameters -----------------------------------------------------------------
 
     def _checked_hyper(self, group, where):
