@@ -428,9 +428,10 @@ class Adam(_Optimizer):
         \theta \text{ when decoupled}), \quad m \leftarrow \beta_1 m + (1-\beta_1) g, \quad
         v \leftarrow \beta_2 v + (1-\beta_2) g^2,
 
-    :math:`\hat v = \max(\hat v, v)` with ``amsgrad``, and
     :math:`\theta \leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
-    \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}`, ``t`` the parameter's own step count.
+    \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}`, ``t`` the parameter's own step count;
+    with ``amsgrad``, :math:`\hat v \leftarrow \max(\hat v, v)` takes the place of ``v`` in
+    the denominator.
     State ``step`` (0-d float32 tensor), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``
     (amsgrad), as torch; ``betas`` and ``lr`` may be tensors or change every step
     (schedulers). Switching ``amsgrad`` on after the first step raises ValueError (torch
