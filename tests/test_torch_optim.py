@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 import optcore  # noqa: E402
 import optcore.torch as ot  # noqa: E402
 from torch_helpers import (  # noqa: E402
-    Net, assert_close, assert_models_close, assert_states_close, batches, pair, train,
+    Net, assert_close, assert_models_close, assert_states_close, batches, pair, train, wide,
 )
 
 CASES = [
@@ -120,10 +120,10 @@ def test_add_param_group_mid_training(name):
     assert oa.param_groups[1].get("momentum") == kw.get("momentum")
 
 
-def test_per_group_hyperparameters():
+def test_per_group_hyperparameters_and_named_parameters():
     ma, mb = pair()
-    groups = lambda m: [{"params": m.l1.parameters(), "weight_decay": 0.1, "betas": (0.5, 0.9)},
-                        {"params": m.l2.parameters(), "lr": 1e-3, "amsgrad": True}]
+    groups = lambda m: [{"params": m.l1.named_parameters(), "weight_decay": 0.1, "betas": (0.5, 0.9)},
+                        {"params": m.l2.named_parameters(), "lr": 1e-3, "amsgrad": True}]
     oa = ot.Adam(groups(ma), lr=1e-2)
     ob = torch.optim.Adam(groups(mb), lr=1e-2, foreach=False)
     data = batches(50)
@@ -131,6 +131,7 @@ def test_per_group_hyperparameters():
     train(mb, ob, data)
     assert_models_close(ma, mb)
     assert_states_close(oa, ob)
+    assert oa.state_dict()["param_groups"][1]["param_names"] == ["weight", "bias"]
 
 
 @pytest.mark.parametrize("sched", ["step", "onecycle-adam", "onecycle-sgd", "plateau", "tensor-lr"])
@@ -261,12 +262,12 @@ def test_channels_last():
 
 @pytest.mark.parametrize("name", ["Adam", "NAdam", "SGD"])
 def test_one_and_two_threads_are_bitwise_equal(name):
-    """Large enough tensors (4096 x 24) for the kernels to split work across threads; clipping
+    """A 512 x 512 layer, large enough for the kernels to split work across threads; clipping
     by global norm adds the reduction."""
     results = []
     for threads in (1, 2):
         optcore.set_num_threads(threads)
-        m = Net(width=4096)
+        m = wide()
         kw = dict(lr=1e-2, momentum=0.9) if name == "SGD" else dict(lr=1e-2)
         opt = getattr(ot, name)(m.parameters(), clip=optcore.clip.GlobalNorm(0.5), **kw)
         train(m, opt, batches(5))

@@ -10,7 +10,7 @@ import optcore.torch as ot  # noqa: E402
 from optcore.clip import Adaptive, GlobalNorm, PerTensorNorm, Value  # noqa: E402
 from torch_helpers import (  # noqa: E402
     assert_models_close, assert_states_close, assert_unchanged, batches, loss_of, pair,
-    snapshot, train,
+    snapshot, train, wide,
 )
 
 
@@ -236,7 +236,7 @@ def test_threads_do_not_change_fused_results():
     out = []
     for threads in (1, 2):
         optcore.set_num_threads(threads)
-        m, _ = pair(width=4096)
+        m = wide()
         opt = ot.Adam(m.parameters(), lr=1e-2, clip=PerTensorNorm(0.1))
         train(m, opt, batches(4))
         out.append([p.detach().clone() for p in m.parameters()] + [opt.last_result])

@@ -160,3 +160,33 @@ def test_switching_on_a_state_buffer_after_the_first_step_raises(name, key, valu
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
     opt.param_groups[0][key] = type(value)(0)
     opt.step()
+
+
+@pytest.mark.parametrize("how", ["assign", "assign-tensor-dict", "replace-all"])
+def test_state_replaced_outside_load_state_dict(how):
+    """ZeroRedundancyOptimizer.load_state_dict assigns ``optim.state[p] = ...`` directly; a
+    user may replace ``opt.state`` as a whole: the next step uses the new tensors."""
+    ma, mb = pair()
+    oa = ot.NAdam(ma.parameters(), lr=1e-2)
+    ob = torch.optim.NAdam(mb.parameters(), lr=1e-2, foreach=False)
+    data = batches(30)
+    train(ma, oa, data[:10])
+    train(mb, ob, data[:10])
+    saved = copy.deepcopy({i: oa.state[p] for i, p in enumerate(ma.parameters()) if p in oa.state})
+    params = [p.detach().clone() for p in ma.parameters()]
+    train(ma, oa, data[10:20])
+    with torch.no_grad():
+        for p, q in zip(ma.parameters(), params):
+            p.copy_(q)
+    ps = list(ma.parameters())
+    if how == "replace-all":
+        fresh = __import__("collections").defaultdict(dict)
+        fresh.update({ps[i]: st for i, st in saved.items()})
+        oa.state = fresh
+    else:
+        for i, st in saved.items():
+            oa.state[ps[i]] = st if how == "assign" else {k: v.clone() for k, v in st.items()}
+    train(ma, oa, data[20:])
+    train(mb, ob, data[20:])
+    assert_models_close(ma, mb)
+    assert_states_close(oa, ob)
