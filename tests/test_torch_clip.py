@@ -457,3 +457,19 @@ def test_cache_keeps_no_gradient_alive(rng):
         p.grad = None
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_zero_dim_and_empty_grads_match_torch():
+    shapes = [(), (0,), (3, 0), (7,)]
+    ps = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for p, v in zip(ps, (2.0, 0.0, 0.0, 1.5)):
+        p.grad = torch.full_like(p, v)
+    qs = twin(ps)
+    for p in (2.0, 1.0, 0.0, 3.0):
+        assert ot.get_total_norm(grads_of(ps), p).item() == pytest.approx(
+            tu.get_total_norm(grads_of(qs), p).item(), rel=REF_RTOL)
+    ours = ot.clip_grad_norm_(ps, 1.0)
+    theirs = tu.clip_grad_norm_(qs, 1.0)
+    assert ours.item() == pytest.approx(theirs.item(), rel=REF_RTOL)
+    for a, b in zip(grads_of(ps), grads_of(qs)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=3e-7)
