@@ -14,6 +14,7 @@ Results go to OUTDIR/results.pt: per case, the final parameters of rank 0, rank 
 single process; for ZeRO cases also (under ``case/state``) the optimizer state consolidated
 on rank 0 and the single process's optimizer state (``state_dict()["state"]``). Everything runs on one thread per process, so it is deterministic.
 """
+import copy
 import importlib
 import sys
 
@@ -35,8 +36,10 @@ OPTIMIZERS = {
     "NAdam": dict(lr=0.01, weight_decay=0.01, decoupled_weight_decay=True),
 }
 CASES = ([f"ddp-{n}" for n in OPTIMIZERS] + [f"zero-{n}" for n in OPTIMIZERS]
-         + ["zero-bucket-Adam", "ddp-clip-Adam", "zero-clip-Adam", "ddp-fusedclip-Adam",
-            "ddp-fusedclip-NAdam"])
+         + ["zero-bucket-Adam", "zero-reload-Adam", "zero-reload-RMSprop", "ddp-clip-Adam",
+            "zero-clip-Adam", "ddp-fusedclip-Adam", "ddp-fusedclip-NAdam"])
+# ``reload`` cases save the optimizer state half-way (ZeRO: consolidated on rank 0 and sent to
+# every rank), build a new optimizer, load the state into it and train on.
 # Not a case: ZeRO with a fused ``clip=GlobalNorm``. Each rank's optimizer sees only its shard,
 # so it would clip by the shard's norm; docs/torch.rst says to call clip_grad_norm_ on the
 # whole model before ZeRO's step instead (the ``zero-clip-Adam`` case).
@@ -100,6 +103,12 @@ def run_rank(rank, outdir, module_name, cases):
         net = DDP(model())
         opt = make_optimizer(module, case, net.parameters())
         for step in range(STEPS):
+            if "reload" in case and step == STEPS // 2:
+                opt.consolidate_state_dict(to=0)
+                saved = [opt.state_dict() if rank == 0 else None]
+                dist.broadcast_object_list(saved, src=0)
+                opt = make_optimizer(module, case, net.parameters())
+                opt.load_state_dict(saved[0])
             x, y = batch(step)
             half = slice(rank * 8, (rank + 1) * 8)
             opt.zero_grad()
@@ -126,6 +135,10 @@ def run_single(module_name, cases):
         net = model()
         opt = getattr(module, name)(net.parameters(), **options(case))
         for step in range(STEPS):
+            if "reload" in case and step == STEPS // 2:
+                saved = copy.deepcopy(opt.state_dict())
+                opt = getattr(module, name)(net.parameters(), **options(case))
+                opt.load_state_dict(saved)
             x, y = batch(step)
             opt.zero_grad()
             for r in range(WORLD):
