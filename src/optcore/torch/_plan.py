@@ -4,8 +4,8 @@ A :class:`Plan` holds, for the parameters of one group that have a gradient, the
 address tables the kernels walk, split into *parts*: the tensors that share a per-parameter
 step count (torch counts steps per parameter) run in one kernel call. It is built in two
 phases, so that a bad tensor of any group raises before anything of the step is written:
-:meth:`Plan.check` / the constructor validate and compute addresses without writing, and
-:meth:`Plan.commit` creates the missing state and binds the tables.
+the constructor (and :meth:`Plan.refresh` for a cached plan) validates and computes addresses
+without writing, and :meth:`Plan.commit` creates the missing state and binds the tables.
 
 From one step to the next only the gradients usually change (``zero_grad(set_to_none=True)``
 makes backward allocate new ones), and the plan keeps no reference to a gradient between
@@ -15,10 +15,9 @@ the gradient slot. torch's ``.grad`` setter and autograd already guarantee a gra
 parameter's dtype, device and shape; what remains is one ``is_contiguous`` per gradient when
 the parameters are contiguous (else a comparison of strides), which also refuses sparse
 gradients (they raise on it). Assigning ``p.grad.data`` bypasses torch's guarantees and is
-not supported. A parameter whose
-storage was replaced (``p.data = ...``), a new gradient pattern (a gradient became None), new
-state tensors (``load_state_dict``) or other state buffers (e.g. ``momentum`` switched on)
-rebuild the plan.
+not supported. A parameter whose storage was replaced (``p.data = ...``), a new gradient
+pattern (a gradient became None), new state dicts (``load_state_dict``) or other state
+buffers (e.g. ``momentum`` switched on) rebuild the plan.
 """
 import operator
 from itertools import repeat
@@ -266,7 +265,8 @@ class Plan:
             self.scalars[k] = buf
         slots = [self.pptrs, self.gptrs, None]
         slots += [None if s is None else _pointers([st[s] for st in states]) for s in self.state_names]
-        refs = (self.params, states)  # the gradients' slot gets its own refs
+        # the tables own what they address (the gradients' slot gets its own refs per step)
+        refs = (self.params, [st[s] for st in states for s in self.state_names if s is not None])
         by_key = {}
         for i, k in enumerate(keys):
             by_key.setdefault(k, []).append(i)
