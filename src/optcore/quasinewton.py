@@ -441,6 +441,7 @@ class BFGS(_QuasiNewton):
         self._pend_s, self._pend_v = np.zeros(n), np.zeros(n)
         self._pending = False
         self._have_h = False
+        self._dirty = False     # whether _P holds anything but the zeros it was allocated with
 
     def _has_memory(self):
         return self._have_h
@@ -494,7 +495,9 @@ class BFGS(_QuasiNewton):
             np.add(w, self._d64, out=u)         # u = H_k y = w - H_k g_k
         else:
             gamma = sy / yy                     # H_0 = gamma I (eq. 6.20)
-            self._P.fill(0.0)
+            if self._dirty:
+                self._P.fill(0.0)
+            self._dirty = True
             idx = np.arange(self.n)
             self._P[idx * (idx + 1) // 2 + idx] = gamma
             self._have_h = True
