@@ -444,6 +444,14 @@ def test_bad_params_are_rejected(cls):
         cls([(x[:0], g[:0])])
 
 
+def test_bfgs_refuses_a_matrix_larger_than_the_machine():
+    assert optcore.BFGS.memory_bytes(10_000) == 8 * 10_000 * 10_001 // 2 + 8 * 10_000 * 40 + 20 * 10_000
+    n = 4_000_000   # an 8 n(n+1)/2 = 64 TB triangle: refused before anything is allocated
+    x = np.zeros(n, np.float32)
+    with pytest.raises(MemoryError, match="use LBFGS"):
+        optcore.BFGS([(x, np.zeros_like(x))])
+
+
 @pytest.mark.parametrize("cls", METHODS)
 def test_bad_closures_raise_and_write_nothing(cls):
     x, g, closure = pair_problem()

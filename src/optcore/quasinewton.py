@@ -51,6 +51,7 @@ iteration retried along :math:`-g` (L-BFGS-B's restart); otherwise :meth:`step` 
 ``status`` :data:`STATUS_LINE_SEARCH`.
 """
 import math
+import os
 import time
 from collections import deque
 
@@ -163,6 +164,14 @@ class _Run:
         self.nfev += 1
         self.trace.append((self.nfev, time.perf_counter() - self.t0, f))
         return f
+
+
+def _physical_memory():
+    """Bytes of physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _positive_or_none(name, value):
@@ -279,6 +288,9 @@ class _QuasiNewton:
             ``trace`` (rows ``(evaluations, seconds, loss)``, one per evaluation) and
             ``line_search`` (rows ``(alpha, f_k, g_k.d_k, f_k+1, g_k+1.d_k, evaluations)``,
             one per iteration).
+
+        An exception raised by the closure propagates; the parameters then hold the point it
+        was called at.
 
         Raises
         ------
@@ -406,7 +418,9 @@ class BFGS(_QuasiNewton):
 
     ``BFGS(params, gtol=1e-5, ftol=2.22e-9, maxiter=None, maxfun=None, c1=1e-4, c2=0.9,
     maxls=20)``; ``maxiter=None`` means ``200 * n`` (SciPy's default), ``maxfun=None`` no
-    limit. See the module notes for the formulas; memory :math:`4 n^2 + O(n)` bytes.
+    limit. See the module notes for the formulas. Memory :math:`4 n^2 + O(n)` bytes
+    (:meth:`memory_bytes`); MemoryError, before allocating, when that exceeds the machine's
+    physical memory.
     """ + _COMMON_PARAMS + r"""
     Examples
     --------
@@ -429,6 +443,13 @@ class BFGS(_QuasiNewton):
         if maxiter is None:
             self.maxiter = 200 * self.n
         n = self.n
+        need, have = self.memory_bytes(n), _physical_memory()
+        if have is not None and need > have:
+            raise MemoryError(
+                f"BFGS over n = {n} variables needs {need / 2**30:.1f} GiB for its inverse-Hessian "
+                f"approximation (8 n(n+1)/2 bytes), more than this machine's "
+                f"{have / 2**30:.1f} GiB; use LBFGS"
+            )
         self._s, self._y = self._vector(), self._vector()
         self._pairs = self._pair_table(self._s, self._y)
         self._P = np.zeros(n * (n + 1) // 2, dtype=np.float64)
@@ -442,6 +463,14 @@ class BFGS(_QuasiNewton):
         self._pending = False
         self._have_h = False
         self._dirty = False     # whether _P holds anything but the zeros it was allocated with
+
+    @staticmethod
+    def memory_bytes(n):
+        """Bytes BFGS allocates for ``n`` variables: the packed float64 triangle
+        (:math:`8 n(n+1)/2`), its per-block scratch (32 float64 vectors), eight float64 and
+        five float32 work vectors."""
+        n = ck.positive_int("n", n)
+        return 8 * n * (n + 1) // 2 + 8 * n * (32 + 8) + 4 * n * 5
 
     def _has_memory(self):
         return self._have_h
