@@ -19,6 +19,7 @@
 #include "oc_common.h"
 
 #define OC_QN_LANES 16
+#define OC_QN_RESTRICT __restrict__
 
 static inline double oc_qn_fold(const double *acc) {
     double s = 0.0;
@@ -191,17 +192,46 @@ OC_CLONES static void oc_qn_scatter_run(const oc_list *L, int s, const int64_t *
  * the product w = P g. Block b covers rows [bstart[b], bstart[b+1]); its column contributions
  * go to scratch + b * n. One sweep over the triangle (read and write). */
 
+/* Element j < i of row i: the updated entry h (written back when `upd`), its row contribution
+ * h g_j to lane l and its column contribution h g_i. */
+#define OC_BFGS_ELEM(upd, j, l)                                                   \
+    do {                                                                        \
+        const double h_ = (upd) ? p[j] + ui * v[j] + vi * u[j] : p[j];         \
+        if (upd) p[j] = h_;                                                     \
+        acc[l] += h_ * g[j];                                                    \
+        col[j] += h_ * gi;                                                      \
+    } while (0)
+
+/* Row i in one sweep: update (when upd), then w_i = row . g (lanes as oc_qn_dot_f64) and the
+ * column contributions. */
+static inline __attribute__((always_inline)) void
+oc_bfgs_row_fused(double *OC_QN_RESTRICT p, int64_t i, int upd, const double *u, const double *v,
+                  const double *g, double *w, double *OC_QN_RESTRICT col) {
+    const double ui = upd ? u[i] : 0.0, vi = upd ? v[i] : 0.0, gi = g[i];
+    double acc[OC_QN_LANES] = {0};
+    int64_t j = 0;
+    if (upd) {
+        for (; j + OC_QN_LANES <= i; j += OC_QN_LANES)
+            for (int l = 0; l < OC_QN_LANES; l++) OC_BFGS_ELEM(1, j + l, l);
+        for (int l = 0; j + l < i; l++) OC_BFGS_ELEM(1, j + l, l);
+        p[i] = p[i] + ui * v[i] + vi * u[i];
+    } else {
+        for (; j + OC_QN_LANES <= i; j += OC_QN_LANES)
+            for (int l = 0; l < OC_QN_LANES; l++) OC_BFGS_ELEM(0, j + l, l);
+        for (int l = 0; j + l < i; l++) OC_BFGS_ELEM(0, j + l, l);
+    }
+    w[i] = oc_qn_fold(acc) + p[i] * gi;
+}
+
 static inline __attribute__((always_inline)) void
 oc_bfgs_row(double *p, int64_t i, const double *u, const double *v, const double *g,
             double *w, double *col) {
-    if (u != NULL) {
+    if (g != NULL) {
+        if (u != NULL) oc_bfgs_row_fused(p, i, 1, u, v, g, w, col);
+        else oc_bfgs_row_fused(p, i, 0, u, v, g, w, col);
+    } else if (u != NULL) {
         const double ui = u[i], vi = v[i];
         for (int64_t j = 0; j <= i; j++) p[j] = p[j] + ui * v[j] + vi * u[j];
-    }
-    if (g != NULL) {
-        const double gi = g[i];
-        w[i] = oc_qn_dot_f64(p, g, i) + p[i] * gi;
-        for (int64_t j = 0; j < i; j++) col[j] += p[j] * gi;
     }
 }
 
