@@ -78,9 +78,9 @@ _X, _G, _X0, _G0, _D = 0, 1, 2, 3, 4
 _S, _Y = 4, 5
 
 
-def _cubic_min(a, fa, ga, b, fb, gb, lo, hi):
+def _cubic_min(a, fa, ga, b, fb, gb):
     """Minimizer of the cubic through ``(a, fa, ga)`` and ``(b, fb, gb)`` (values and slopes;
-    Nocedal & Wright eq. 3.59), clamped to ``[lo, hi]``; the midpoint when it has none."""
+    Nocedal & Wright eq. 3.59), or None when the cubic has no local minimizer."""
     d1 = ga + gb - 3.0 * (fa - fb) / (a - b)
     disc = d1 * d1 - ga * gb
     if math.isfinite(disc) and disc >= 0.0:
@@ -89,13 +89,15 @@ def _cubic_min(a, fa, ga, b, fb, gb, lo, hi):
         if den != 0.0:
             t = b - (b - a) * (gb + d2 - d1) / den
             if math.isfinite(t):
-                return min(max(t, lo), hi)
-    return 0.5 * (lo + hi)
+                return t
+    return None
 
 
 def _strong_wolfe(phi, f0, g0, t, c1, c2, maxls):
     r"""Line search for a step satisfying the strong Wolfe conditions (Nocedal & Wright,
-    algorithm 3.5, bracketing by cubic extrapolation, then :func:`_zoom`, algorithm 3.6).
+    algorithm 3.5, bracketing by cubic extrapolation kept within Moré & Thuente's
+    :math:`[\alpha_i + 1.1 \delta, \alpha_i + 4 \delta]`, :math:`\delta = \alpha_i -
+    \alpha_{i-1}`, then :func:`_zoom`, algorithm 3.6).
 
     ``phi(t)`` returns :math:`(\phi(t), \phi'(t))` with :math:`\phi(t) = f(x_0 + t d)`; ``f0``,
     ``g0 < 0`` are :math:`\phi(0), \phi'(0)`. A non-finite value counts as too long a step.
@@ -111,7 +113,10 @@ def _strong_wolfe(phi, f0, g0, t, c1, c2, maxls):
             return t, f, g, True
         if g >= 0.0:
             return _zoom(phi, f0, g0, (t, f, g), (t_prev, f_prev, g_prev), c1, c2, maxls - i - 1)
-        t_next = _cubic_min(t_prev, f_prev, g_prev, t, f, g, t + 0.01 * (t - t_prev), 10.0 * t)
+        lo, hi = t + 1.1 * (t - t_prev), t + 4.0 * (t - t_prev)
+        t_next = _cubic_min(t_prev, f_prev, g_prev, t, f, g)
+        # no minimizer ahead (the slope is getting steeper): the longest extrapolation
+        t_next = hi if t_next is None or t_next <= t else min(max(t_next, lo), hi)
         t_prev, f_prev, g_prev = t, f, g
         t = t_next
     return t_prev, f_prev, g_prev, False
@@ -126,11 +131,12 @@ def _zoom(phi, f0, g0, lo, hi, c1, c2, budget):
         width = right - left
         if width <= _EPS * right:
             break
+        t = None
         if math.isfinite(f_hi) and math.isfinite(g_hi):
-            t = _cubic_min(a_lo, f_lo, g_lo, a_hi, f_hi, g_hi,
-                           left + 0.1 * width, right - 0.1 * width)
-        else:
-            t = 0.5 * (left + right)
+            t = _cubic_min(a_lo, f_lo, g_lo, a_hi, f_hi, g_hi)
+        # bisect when the cubic has no minimizer; else keep 10% away from the ends
+        t = 0.5 * (left + right) if t is None else min(max(t, left + 0.1 * width),
+                                                       right - 0.1 * width)
         f, g = phi(t)
         if (not (math.isfinite(f) and math.isfinite(g)) or f > f0 + c1 * t * g0
                 or f >= f_lo):
