@@ -612,3 +612,41 @@ def test_stopping_rules_and_the_result_record(cls):
     # already converged: no iteration
     r = cls(params, gtol=1.0).step(closure)
     assert r.nit == 0 and r.nfev == 1 and r.success
+
+
+@pytest.mark.parametrize("cls", METHODS)
+def test_a_failed_line_search_restores_the_last_iterate(cls):
+    # a gradient of the wrong sign: every step along -g increases f, so no step satisfies
+    # sufficient decrease; the parameters and gradients go back to the last iterate
+    x = np.array([1.0, -2.0, 0.5], np.float32)
+    g = np.zeros(3, np.float32)
+    sign = [1.0]
+
+    def closure():     # f = sum (x - 3)^4 + x^2, with the sign of the gradient switchable
+        x64 = x.astype(np.float64)
+        g[...] = sign[0] * (4 * (x64 - 3) ** 3 + 2 * x64)
+        return float(np.sum((x64 - 3) ** 4 + x64**2))
+    opt = cls([(x, g)], maxls=8)
+    sign[0] = -1.0
+    r = opt.step(closure)
+    assert r.status == Q.STATUS_LINE_SEARCH and "LNSRCH" in r.message and r.nit == 0
+    assert r.nfev == 1 + 8
+    np.testing.assert_array_equal(x, [1.0, -2.0, 0.5])
+    np.testing.assert_array_equal(g, -(4 * (x - 3.0) ** 3 + 2 * x))
+    assert r.fun == 16 + 625 + 39.0625 + 5.25
+    # with a memory, the failure first clears it and retries along -g (a second search)
+    sign[0] = 1.0
+    opt = cls([(x, g)], maxls=8, gtol=0.0, ftol=0.0, maxiter=2)
+    opt.step(closure)
+    start = x.copy()
+    sign[0] = -1.0
+    r = opt.step(closure)
+    assert r.status == Q.STATUS_LINE_SEARCH and r.nit == 0 and r.nfev == 1 + 8 + 8
+    np.testing.assert_array_equal(x, start)
+    # ... unless the evaluation budget is spent
+    sign[0] = 1.0
+    opt.step(closure)
+    sign[0] = -1.0
+    opt.maxfun = 5
+    r = opt.step(closure)
+    assert r.status == Q.STATUS_LIMIT and r.nfev == 1 + 8

@@ -341,12 +341,15 @@ class _QuasiNewton:
             if not ok:
                 _qn.axpby(self._main, self._sc, _X, 0.0, _X0, 1.0, -1)
                 _qn.axpby(self._main, self._sc, _G, 0.0, _G0, 1.0, -1)
-                if self._has_memory():
-                    self.reset()
-                    dphi0 = self._descent(self._steepest())
-                    continue
-                status, message = STATUS_LINE_SEARCH, "ABNORMAL_TERMINATION_IN_LNSRCH"
-                break
+                if not self._has_memory():
+                    status, message = STATUS_LINE_SEARCH, "ABNORMAL_TERMINATION_IN_LNSRCH"
+                    break
+                if self.maxfun is not None and run.nfev >= self.maxfun:
+                    status, message = STATUS_LIMIT, "STOP: TOTAL NO. OF F,G EVALUATIONS EXCEEDS LIMIT"
+                    break
+                self.reset()
+                dphi0 = self._descent(self._steepest())
+                continue
             rows.append((t, f, dphi0, f_new, dphi, run.nfev - n_before))
             sy, yy, gg, gmax = self._pair()
             self._update(sy, yy)
@@ -418,6 +421,17 @@ _COMMON_PARAMS = """
         Evaluations per line search.
 """
 
+_COMMON_ATTRIBUTES = """
+    Attributes
+    ----------
+    n : int
+        Number of variables.
+    iterations : int
+        Iterations taken over all :meth:`step` calls.
+    parameters : Parameters or list
+        What the optimizer was built over.
+"""
+
 
 class BFGS(_QuasiNewton):
     __doc__ = r"""BFGS with a dense float64 inverse-Hessian approximation and a strong-Wolfe line search.
@@ -427,7 +441,7 @@ class BFGS(_QuasiNewton):
     limit. See the module notes for the formulas. Memory :math:`4 n^2 + O(n)` bytes
     (:meth:`memory_bytes`); MemoryError, before allocating, when that exceeds the machine's
     physical memory.
-    """ + _COMMON_PARAMS + r"""
+    """ + _COMMON_PARAMS + _COMMON_ATTRIBUTES + r"""
     Examples
     --------
     >>> import numpy as np, optcore
@@ -573,7 +587,7 @@ class LBFGS(_QuasiNewton):
     :math:`(2m + 5)` float32 vectors of the parameters' size. See the module notes.
     """ + _COMMON_PARAMS + r"""    m : int, default 10
         Number of stored pairs :math:`(s, y)`.
-
+    """ + _COMMON_ATTRIBUTES + r"""
     Examples
     --------
     >>> import numpy as np, optcore
