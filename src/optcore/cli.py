@@ -122,6 +122,7 @@ def _compare(args):
             None if args.methods is None else _names(args.methods),
             budget=args.budget, time_limit=args.time_limit, seed=args.seed,
             threads=args.threads, quick=args.quick, X=X, y=y, progress=sys.stderr,
+            regime=args.regime,
         )
         print(compare.format_table(results))
         settings = {k: v for k, v in vars(args).items() if k != "func"}
@@ -146,9 +147,14 @@ def _add_compare(sub):
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="sgd adagrad rmsprop adam adamw adamax nadam, each also with '+clip'; "
                    "newton-cg bfgs cg l-bfgs-b trust-ncg (default: all)")
+    p.add_argument("--regime", choices=("evals", "epochs", "time"), default="evals",
+                   help="what every method gets the same amount of: full-data gradient "
+                   "evaluations (default), passes over the training data, or wall time")
     p.add_argument("--budget", type=float,
-                   help="full-data gradient evaluations per run (default: per problem)")
-    p.add_argument("--time-limit", type=float, help="seconds per run (default 10; quick 1)")
+                   help="gradient evaluations (--regime epochs: passes over the data) per run "
+                   "(default: per problem)")
+    p.add_argument("--time-limit", type=float,
+                   help="seconds per run (default 10, quick 1; --regime time: 0.5, quick 0.05)")
     p.add_argument("--threads", type=int, default=1, help="threads for optcore and BLAS (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--data", metavar="FILE.npz",

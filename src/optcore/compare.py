@@ -13,6 +13,12 @@ First-order methods run on minibatches of :data:`BATCH_SIZE` samples for the dat
 per problem from the grid :math:`\{10^{-4}, 3\cdot10^{-4}, \dots, 1\}` on the default problems
 with seed 0 and the default budget, once, by the lowest final loss without clipping. SciPy
 methods always use the full data, in float64.
+
+The data problems hold out a fixed stratified :data:`HOLDOUT` share of the samples
+(:func:`optcore.problems.stratified_split`, seed :data:`SPLIT_SEED`, whatever ``seed`` is):
+the methods train on the rest, and every record carries the loss and accuracy on the held-out
+samples. :data:`REGIMES` says what is held equal between methods: full-data gradient
+evaluations (the default), passes over the training data, or wall time.
 """
 import json
 import math
@@ -28,7 +34,8 @@ from optcore import _checks as ck
 from optcore import baselines, problems
 
 __all__ = ["run", "format_table", "plot", "write", "Records", "FIRST_ORDER", "SCIPY_METHODS",
-           "DEFAULT_METHODS", "DEFAULT_PROBLEMS", "LEARNING_RATES", "BUDGETS", "warmup_cosine"]
+           "DEFAULT_METHODS", "DEFAULT_PROBLEMS", "LEARNING_RATES", "BUDGETS", "REGIMES",
+           "HOLDOUT", "SPLIT_SEED", "warmup_cosine", "run_method"]
 
 #: optcore optimizers of the suite: name -> (class, fixed hyper-parameters).
 FIRST_ORDER = {
@@ -57,6 +64,18 @@ QUICK_BUDGET = 4
 #: iteration in SciPy's implementation and would otherwise dominate on the MLP).
 TIME_LIMIT = 10.0
 QUICK_TIME_LIMIT = 1.0
+#: What ``regime=`` holds equal: ``"evals"`` a budget of full-data gradient evaluations
+#: (:data:`BUDGETS`), ``"epochs"`` the same numbers as passes over the training data
+#: (``units="epochs"`` of :mod:`optcore.baselines`), ``"time"`` the wall time per run.
+REGIMES = ("evals", "epochs", "time")
+#: Seconds per run under ``regime="time"`` (and with ``quick``).
+TIME_REGIME_LIMIT = 0.5
+QUICK_TIME_REGIME_LIMIT = 0.05
+#: Steps timed to size the learning-rate schedule of a first-order run under a time limit.
+CALIBRATION_STEPS = 10
+#: Share of each class of the data problems held out, and the seed of that split.
+HOLDOUT = 0.2
+SPLIT_SEED = 0
 #: Minibatch size of the first-order methods on the data problems.
 BATCH_SIZE = 128
 #: Global-norm clipping threshold per problem (``"<method>+clip"``).
@@ -137,11 +156,12 @@ def _parse_problems(names):
 
 class Records(list):
     """The results of one problem: a list of :class:`optcore.baselines.Result`, with the
-    problem object as ``problem``."""
+    problem object as ``problem`` and the regime (:data:`REGIMES`) as ``regime``."""
 
-    def __init__(self, problem, records=()):
+    def __init__(self, problem, records=(), regime="evals"):
         super().__init__(records)
         self.problem = problem
+        self.regime = regime
 
 
 class _Progress:
@@ -181,27 +201,40 @@ def _threads_context(threads):
     return threadpool_limits(threads, user_api="blas")
 
 
-def _run_one(problem, method, budget, time_limit, seed, trace_points):
-    """One record: method on problem within budget."""
+def run_method(problem, method, budget, time_limit, *, seed=0, trace_points=100,
+               units="evals"):
+    """One record: ``method`` (a name of :data:`DEFAULT_METHODS`) on ``problem``.
+
+    With a ``budget`` (in ``units``, see :mod:`optcore.baselines`) the first-order methods
+    plan their warm-up + cosine schedule over the steps it pays for; without one (equal wall
+    time) over the steps that fit in ``time_limit``, estimated from
+    :data:`CALIBRATION_STEPS` timed steps on a throw-away copy of the parameters. The time
+    limit stops every run in either case.
+    """
     if method in SCIPY_METHODS:
-        return baselines.minimize(problem, method, budget=budget, time_limit=time_limit)
+        return baselines.minimize(problem, method, budget=budget, time_limit=time_limit,
+                                  units=units)
     clip = method.endswith(CLIP_SUFFIX)
     base = method[: -len(CLIP_SUFFIX)] if clip else method
     cls, fixed = FIRST_ORDER[base]
     lr = LEARNING_RATES.get(problem.name, LEARNING_RATES["softmax"])[base]
     batch = BATCH_SIZE if problem.n_samples is not None else None
-    cost = 1.0 if batch is None else min(1.0, batch / problem.n_samples)
-    steps = max(1, math.floor(budget / cost + 1e-9))
-    return baselines.train(
-        problem, cls, budget=budget, time_limit=time_limit, batch_size=batch, seed=seed,
-        schedule=warmup_cosine(lr, steps),
-        clip=CLIP_NORMS.get(problem.name, 1.0) if clip else None,
-        trace_points=trace_points, name=method, lr=lr, **fixed,
-    )
+    kwargs = dict(batch_size=batch, seed=seed, clip=CLIP_NORMS.get(problem.name, 1.0)
+                  if clip else None, name=method, lr=lr, **fixed)
+    if budget is not None:
+        steps = max(1, baselines.planned_steps(budget, problem.n_samples, batch, units))
+        return baselines.train(problem, cls, budget=budget, time_limit=time_limit,
+                               schedule=warmup_cosine(lr, steps), trace_points=trace_points,
+                               units=units, **kwargs)
+    probe = baselines.train(problem, cls, steps=CALIBRATION_STEPS, trace_points=1, **kwargs)
+    steps = max(1, math.floor(time_limit * probe.nit / max(probe.seconds, 1e-9)))
+    return baselines.train(problem, cls, steps, time_limit=time_limit,
+                           schedule=warmup_cosine(lr, steps), trace_points=trace_points,
+                           **kwargs)
 
 
 def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, threads=1,
-        quick=False, X=None, y=None, progress=None):
+        quick=False, X=None, y=None, progress=None, regime="evals"):
     """Run every method on every problem.
 
     Parameters
@@ -212,11 +245,14 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
         First-order names (``"sgd"``, ``"adam"``, ...), the same with ``"+clip"``, and SciPy
         methods (``"bfgs"``, ...); default :data:`DEFAULT_METHODS`.
     budget : float, optional
-        Full-data gradient evaluations per run (default: :data:`BUDGETS` per problem, or
-        :data:`QUICK_BUDGET` with ``quick``).
+        Full-data gradient evaluations per run, or passes over the training data with
+        ``regime="epochs"`` (default: :data:`BUDGETS` per problem, or :data:`QUICK_BUDGET`
+        with ``quick``); not allowed with ``regime="time"``.
     time_limit : float, optional
         Seconds of wall time per run (default :data:`TIME_LIMIT`, or
-        :data:`QUICK_TIME_LIMIT` with ``quick``); checked before each evaluation.
+        :data:`QUICK_TIME_LIMIT` with ``quick``; with ``regime="time"``, the budget itself,
+        default :data:`TIME_REGIME_LIMIT` or :data:`QUICK_TIME_REGIME_LIMIT`); checked
+        before each evaluation.
     seed : int, default 0
         Seeds the minibatch order, the MLP initialization and the quadratic's rotation; with
         the same seed and thread count, losses and iterates are reproducible (wall times are
@@ -231,6 +267,8 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
         Data for the data problems (default: the digits).
     progress : text stream or None
         Where the progress bar goes (the command passes ``sys.stderr``); ``None``: no bar.
+    regime : {"evals", "epochs", "time"}, default "evals"
+        What every method gets the same amount of (:data:`REGIMES`).
 
     Returns
     -------
@@ -240,11 +278,17 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
     """
     names = _parse_problems(problems_)
     methods = _parse_methods(methods)
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose from {', '.join(REGIMES)}")
     if budget is not None:
+        if regime == "time":
+            raise ValueError("regime 'time' takes no budget: the time limit is the budget")
         budget = ck.real("budget", budget)
         if not (budget > 0 and math.isfinite(budget)):
             raise ValueError(f"budget must be a finite number > 0, got {budget}")
-    if time_limit is None:
+    if time_limit is None and regime == "time":
+        time_limit = QUICK_TIME_REGIME_LIMIT if quick else TIME_REGIME_LIMIT
+    elif time_limit is None:
         time_limit = QUICK_TIME_LIMIT if quick else TIME_LIMIT
     time_limit = ck.real("time_limit", time_limit)
     if not time_limit > 0:
@@ -264,6 +308,8 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
     for name in names:
         data = problems.PROBLEMS[name].takes_data
         kwargs = {"seed": seed} if name in ("quadratic", "mlp") else {}
+        if data:
+            kwargs.update(holdout=HOLDOUT, split_seed=SPLIT_SEED)
         built[name] = problems.make_problem(name, X if data else None, y if data else None,
                                             **kwargs)
     bar = _Progress(len(names) * len(methods), progress)
@@ -278,10 +324,13 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
                 problem = built[name]
                 problem.f_star  # the reference minimum for the plots, computed here, untimed
                 b = budget if budget is not None else (QUICK_BUDGET if quick else BUDGETS[name])
-                results[name] = Records(problem)
+                b = None if regime == "time" else b
+                units = "epochs" if regime == "epochs" else "evals"
+                results[name] = Records(problem, regime=regime)
                 for method in methods:
-                    results[name].append(_run_one(problem, method, b, time_limit, seed,
-                                                   20 if quick else 100))
+                    results[name].append(run_method(problem, method, b, time_limit, seed=seed,
+                                                    trace_points=20 if quick else 100,
+                                                    units=units))
                     bar.update(f"{name} {method}")
     finally:
         if limits is not None:
@@ -304,18 +353,23 @@ def _status(r):
 
 def format_table(results):
     """A plain-text table of the records, best final loss first within each problem."""
-    head = ("problem", "method", "final loss", "|grad|", "evals", "hvp", "seconds", "accuracy",
-            "status")
+    head = ("problem", "method", "final loss", "|grad|", "evals", "epochs", "hvp", "seconds",
+            "accuracy", "val loss", "val acc", "status")
     rows = []
+
+    def pct(v):
+        return "-" if v is None else ("nan" if math.isnan(v) else f"{100 * v:.2f}%")
+
     for name, records in results.items():
         for r in sorted(records, key=lambda r: (math.isnan(r.fun), r.fun)):
             rows.append((
-                name, r.method, f"{r.fun:.6g}", f"{r.grad_norm:.2e}", f"{r.evaluations:.0f}",
-                str(r.nhev), f"{r.seconds:.3f}",
-                "-" if r.accuracy is None else f"{100 * r.accuracy:.2f}%", _status(r),
+                name, r.method, f"{r.fun:.6g}", f"{r.grad_norm:.2e}", f"{r.evaluations:.4g}",
+                f"{r.epochs:.4g}", str(r.nhev), f"{r.seconds:.3f}", pct(r.accuracy),
+                "-" if r.val_loss is None else f"{r.val_loss:.4f}", pct(r.val_accuracy),
+                _status(r),
             ))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    right = {2, 3, 4, 5, 6, 7}
+    right = set(range(2, 11))
 
     def fmt(row):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
@@ -362,6 +416,7 @@ def plot(problem, records, path):
     shift = 0.0 if f_star is None else f_star
     floor = 1e-15 * max(1.0, abs(shift))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    epochs = getattr(records, "regime", "evals") == "epochs"
     for r in records:
         t = r.trace[np.isfinite(r.trace[:, 2])]
         if not len(t):
@@ -370,9 +425,12 @@ def plot(problem, records, path):
         if f_star is not None:
             y = np.maximum(y - shift, floor)
         style = _style(r.method)
-        axes[0].plot(t[:, 0], y, label=r.method, **style)
+        axes[0].plot(t[:, 3 if epochs else 0], y, label=r.method, **style)
         axes[1].plot(np.maximum(t[:, 1], 1e-5), y, **style)
-    axes[0].set_xlabel("full-data gradient evaluations (Hessian-vector products included)")
+    axes[0].set_xlabel(
+        f"passes over the training data (a Hessian-vector product = "
+        f"{baselines.HESSP_PASSES:g})" if epochs else
+        "full-data gradient evaluations (Hessian-vector products included)")
     axes[1].set_xlabel("wall time [s]")
     axes[1].set_xscale("log")
     if f_star is None:
@@ -408,6 +466,8 @@ def write(results, out, *, settings=None):
         path = os.path.join(out, f"{name}.json")
         with open(path, "w") as f:
             json.dump({"problem": name, "n": problem.n, "f_star": problem.f_star,
+                       "n_train": problem.n_samples, "n_val": getattr(problem, "n_val", 0),
+                       "regime": getattr(records, "regime", "evals"),
                        "settings": settings or {},
                        "records": [r.to_dict() for r in records]}, f, allow_nan=False)
         paths.append(path)
