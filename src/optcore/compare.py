@@ -32,10 +32,11 @@ import numpy as np
 import optcore
 from optcore import _checks as ck
 from optcore import baselines, problems
+from optcore.clip import GlobalNorm
 
 __all__ = ["run", "format_table", "plot", "write", "Records", "FIRST_ORDER", "SCIPY_METHODS",
            "DEFAULT_METHODS", "DEFAULT_PROBLEMS", "LEARNING_RATES", "BUDGETS", "REGIMES",
-           "HOLDOUT", "SPLIT_SEED", "warmup_cosine", "run_method"]
+           "HOLDOUT", "SPLIT_SEED", "warmup_cosine", "run_method", "first_order_setup"]
 
 #: optcore optimizers of the suite: name -> (class, fixed hyper-parameters).
 FIRST_ORDER = {
@@ -201,6 +202,21 @@ def _threads_context(threads):
     return threadpool_limits(threads, user_api="blas")
 
 
+def first_order_setup(problem, method):
+    """``(class, hyper-parameters, batch size)`` of a first-order method of the suite on
+    ``problem``: the optimizer class, its keyword arguments (peak ``lr`` of
+    :data:`LEARNING_RATES`, the fixed ones of :data:`FIRST_ORDER`, ``clip`` for the
+    ``"+clip"`` variants, :class:`optcore.clip.GlobalNorm` at :data:`CLIP_NORMS`) and :data:`BATCH_SIZE` for the data problems (``None``: full
+    batch)."""
+    clip = method.endswith(CLIP_SUFFIX)
+    base = method[: -len(CLIP_SUFFIX)] if clip else method
+    cls, fixed = FIRST_ORDER[base]
+    lr = LEARNING_RATES.get(problem.name, LEARNING_RATES["softmax"])[base]
+    batch = BATCH_SIZE if problem.n_samples is not None else None
+    policy = GlobalNorm(CLIP_NORMS.get(problem.name, 1.0)) if clip else None
+    return cls, dict(lr=lr, clip=policy, **fixed), batch
+
+
 def run_method(problem, method, budget, time_limit, *, seed=0, trace_points=100,
                units="evals"):
     """One record: ``method`` (a name of :data:`DEFAULT_METHODS`) on ``problem``.
@@ -209,24 +225,21 @@ def run_method(problem, method, budget, time_limit, *, seed=0, trace_points=100,
     plan their warm-up + cosine schedule over the steps it pays for; without one (equal wall
     time) over the steps that fit in ``time_limit``, estimated from
     :data:`CALIBRATION_STEPS` timed steps on a throw-away copy of the parameters. The time
-    limit stops every run in either case.
+    limit stops every run in either case (the calibration stops at a quarter of it).
     """
     if method in SCIPY_METHODS:
         return baselines.minimize(problem, method, budget=budget, time_limit=time_limit,
                                   units=units)
-    clip = method.endswith(CLIP_SUFFIX)
-    base = method[: -len(CLIP_SUFFIX)] if clip else method
-    cls, fixed = FIRST_ORDER[base]
-    lr = LEARNING_RATES.get(problem.name, LEARNING_RATES["softmax"])[base]
-    batch = BATCH_SIZE if problem.n_samples is not None else None
-    kwargs = dict(batch_size=batch, seed=seed, clip=CLIP_NORMS.get(problem.name, 1.0)
-                  if clip else None, name=method, lr=lr, **fixed)
+    cls, hyper, batch = first_order_setup(problem, method)
+    lr = hyper["lr"]
+    kwargs = dict(batch_size=batch, seed=seed, name=method, **hyper)
     if budget is not None:
         steps = max(1, baselines.planned_steps(budget, problem.n_samples, batch, units))
         return baselines.train(problem, cls, budget=budget, time_limit=time_limit,
                                schedule=warmup_cosine(lr, steps), trace_points=trace_points,
                                units=units, **kwargs)
-    probe = baselines.train(problem, cls, steps=CALIBRATION_STEPS, trace_points=1, **kwargs)
+    probe = baselines.train(problem, cls, steps=CALIBRATION_STEPS, time_limit=0.25 * time_limit,
+                            trace_points=1, **kwargs)
     steps = max(1, math.floor(time_limit * probe.nit / max(probe.seconds, 1e-9)))
     return baselines.train(problem, cls, steps, time_limit=time_limit,
                            schedule=warmup_cosine(lr, steps), trace_points=trace_points,
