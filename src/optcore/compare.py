@@ -36,7 +36,8 @@ from optcore.clip import GlobalNorm
 
 __all__ = ["run", "format_table", "plot", "write", "Records", "FIRST_ORDER", "SCIPY_METHODS",
            "DEFAULT_METHODS", "DEFAULT_PROBLEMS", "LEARNING_RATES", "BUDGETS", "REGIMES",
-           "HOLDOUT", "SPLIT_SEED", "warmup_cosine", "run_method", "first_order_setup"]
+           "HOLDOUT", "SPLIT_SEED", "warmup_cosine", "run_method", "first_order_setup",
+           "first_order_steps"]
 
 #: optcore optimizers of the suite: name -> (class, fixed hyper-parameters).
 FIRST_ORDER = {
@@ -217,6 +218,25 @@ def first_order_setup(problem, method):
     return cls, dict(lr=lr, clip=policy, **fixed), batch
 
 
+def first_order_steps(problem, method, steps, time_limit=None, seed=0):
+    """Take up to ``steps`` steps of a first-order method of the suite on a fresh copy of the
+    parameters (minibatch gradient and update, nothing else: no schedule, no loss
+    checkpoints), stopping early once ``time_limit`` seconds have passed; return
+    ``(steps taken, seconds)``. Used to time a step and, under :mod:`tracemalloc`, to
+    measure the memory a step needs."""
+    cls, hyper, batch = first_order_setup(problem, method)
+    params = problem.parameters()
+    opt = cls(params, **hyper)
+    batches = problem.batches(batch, seed)
+    t0 = time.perf_counter()
+    done = 0
+    while done < steps and (time_limit is None or time.perf_counter() - t0 <= time_limit):
+        problem.loss_and_grad_(params, next(batches))
+        opt.step()
+        done += 1
+    return done, time.perf_counter() - t0
+
+
 def run_method(problem, method, budget, time_limit, *, seed=0, trace_points=100,
                units="evals"):
     """One record: ``method`` (a name of :data:`DEFAULT_METHODS`) on ``problem``.
@@ -238,9 +258,9 @@ def run_method(problem, method, budget, time_limit, *, seed=0, trace_points=100,
         return baselines.train(problem, cls, budget=budget, time_limit=time_limit,
                                schedule=warmup_cosine(lr, steps), trace_points=trace_points,
                                units=units, **kwargs)
-    probe = baselines.train(problem, cls, steps=CALIBRATION_STEPS, time_limit=0.25 * time_limit,
-                            trace_points=1, **kwargs)
-    steps = max(1, math.floor(time_limit * probe.nit / max(probe.seconds, 1e-9)))
+    done, seconds = first_order_steps(problem, method, CALIBRATION_STEPS, 0.25 * time_limit,
+                                      seed)
+    steps = max(1, math.floor(time_limit * done / max(seconds, 1e-9)))
     return baselines.train(problem, cls, steps, time_limit=time_limit,
                            schedule=warmup_cosine(lr, steps), trace_points=trace_points,
                            **kwargs)

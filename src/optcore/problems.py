@@ -864,8 +864,10 @@ class MLP(_DataProblem):
         """Logits of the samples ``X`` with batch norm in inference form: normalized by the
         mean and variance of the training set's hidden units at ``x`` (the population
         statistics, what the running averages estimate)."""
-        p, _, invstd, _, _ = self._forward64(x)
-        mean = (self.X @ p["W1"]).mean(axis=0)
+        p = self._split(x)
+        H = self.X @ p["W1"]
+        mean = H.mean(axis=0)
+        invstd = 1.0 / np.sqrt(H.var(axis=0) + self.eps)
         A = np.tanh(p["gamma"] * ((X @ p["W1"] - mean) * invstd) + p["beta"])
         return A @ p["W2"] + p["b2"]
 

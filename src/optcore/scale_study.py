@@ -68,13 +68,7 @@ def _peak_memory(problem, method, time_limit, seed):
         if method in compare.SCIPY_METHODS:
             compare.run_method(problem, method, PROBE_EVALUATIONS, time_limit, seed=seed)
         else:
-            cls, hyper, batch = compare.first_order_setup(problem, method)
-            params = problem.parameters()
-            opt = cls(params, **hyper)
-            batches = problem.batches(batch, seed)
-            for _ in range(PROBE_EVALUATIONS):
-                problem.loss_and_grad_(params, next(batches))
-                opt.step()
+            compare.first_order_steps(problem, method, PROBE_EVALUATIONS, seed=seed)
         return tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
