@@ -25,6 +25,7 @@ from optcore.optim import (
     StepResult,
 )
 from optcore.params import Parameters
+from optcore.quasinewton import BFGS, LBFGS
 from optcore.scaling import GradScaler
 
 __version__ = "0.1.0"
@@ -43,6 +44,8 @@ __all__ = [
     "Adamax",
     "NAdam",
     "StepResult",
+    "BFGS",
+    "LBFGS",
     "GradScaler",
     "BatchNorm",
     "kernels",
