@@ -241,3 +241,42 @@ def test_diverged_run_validation_scores():
     bad = B._finish(problem, x, B._Meter(None, None), 0.0)
     assert np.isnan(bad.val_loss) and np.isnan(bad.val_accuracy)
     assert json.loads(json.dumps(bad.to_dict(), allow_nan=False))["val_accuracy"] is None
+
+
+@pytest.mark.parametrize("cls", [optcore.BFGS, optcore.LBFGS])
+def test_quasi_newton_runs_the_optimizer_unchanged_and_counts_like_minimize(cls):
+    problem = P.LogisticRegression(holdout=0.2)
+    r = B.quasi_newton(problem, cls, budget=1000)
+    # the same optimizer driven directly: the harness only counts, so the iterates agree bitwise
+    params = problem.parameters()
+    direct = cls(params).step(lambda: problem.loss_and_grad_(params))
+    # (both end the same way: converged, or a line search that float32 losses cannot satisfy)
+    assert r.status == direct.status and r.success == direct.success and r.nfev < 1000
+    np.testing.assert_array_equal(r.x, problem.x_of(params))
+    assert r.nit == direct.nit and r.nfev == direct.nfev == r.evaluations == r.epochs
+    assert r.method == cls.method and r.nhev == 0
+    assert len(r.trace) == r.nfev and r.trace[-1, 0] == r.nfev and r.trace[-1, 3] == r.nfev
+    assert (r.val_loss, r.val_accuracy) == problem.validation(r.x)
+
+
+@pytest.mark.parametrize("units", ["evals", "epochs"])
+def test_quasi_newton_budget_stops_with_the_best_point(units):
+    problem = P.Rosenbrock(6)
+    r = B.quasi_newton(problem, optcore.LBFGS, budget=7, units=units)
+    assert r.status == B.STATUS_BUDGET and not r.success and r.nfev == 7
+    assert r.evaluations == r.epochs == 7
+    # the best of the evaluated (float32) points, rescored in float64
+    assert r.fun == pytest.approx(problem.fun(r.x)) and r.trace[:, 2].min() == pytest.approx(
+        r.fun, rel=1e-5)
+    assert 0 < r.nit < 7
+
+
+def test_quasi_newton_time_limit_and_bad_arguments():
+    r = B.quasi_newton(P.MLP(hidden=30, holdout=0.2), optcore.BFGS, time_limit=1e-6)
+    assert r.status == B.STATUS_TIME and r.nfev <= 1
+    with pytest.raises(TypeError, match="optimizer"):
+        B.quasi_newton(P.Rosenbrock(3), optcore.Adam(optcore.Parameters({"x": (3,)})))
+    with pytest.raises(TypeError, match="problem"):
+        B.quasi_newton("rosenbrock", optcore.BFGS)
+    with pytest.raises(ValueError, match="budget"):
+        B.quasi_newton(P.Rosenbrock(3), optcore.BFGS, budget=0)

@@ -46,6 +46,10 @@ def test_quick_scale_refuses_nothing_silently(quick, capsys):
     assert bfgs[998]["status"] in RAN
     assert bfgs[10042]["status"] == "skipped" and bfgs[10042]["memory_bytes"] is None
     assert "dense n x n matrix: 4.51 GiB > memory limit 0.0625 GiB" == bfgs[10042]["reason"]
+    ours = {r["n"]: r for r in records if r["method"] == "optcore-bfgs"}
+    # the packed triangle, 4 n^2 bytes: 3.8 MiB at n = 998, 385 MiB at n = 10042
+    assert ours[998]["status"] in RAN
+    assert ours[10042]["reason"] == "dense n x n matrix: 0.376 GiB > memory limit 0.0625 GiB"
     table = (out / "scale.txt").read_text()
     assert "skipped: dense n x n matrix" in table
     for r in records:
@@ -65,6 +69,8 @@ def test_memory_probe_sees_what_the_method_must_hold(quick):
         assert by[n, "l-bfgs-b"]["memory_bytes"] >= 2 * 10 * 8 * n
     # SciPy's BFGS: the n x n inverse Hessian and the temporaries of its update
     assert by[998, "bfgs"]["memory_bytes"] >= 3 * 8 * 998**2
+    # optcore's BFGS: the packed lower triangle, n (n + 1) / 2 float64
+    assert 4 * 998 * 999 <= by[998, "optcore-bfgs"]["memory_bytes"] < 8 * 998**2
 
 
 def test_a_method_that_completes_no_iteration_says_why():

@@ -39,8 +39,8 @@ from optcore.optim import Optimizer
 from optcore.params import Parameters
 from optcore.problems import Problem
 
-__all__ = ["Result", "minimize", "train", "planned_steps", "METHODS", "UNITS", "HESSP_PASSES", "STATUS_BUDGET",
-           "STATUS_TIME", "STATUS_DIVERGED"]
+__all__ = ["Result", "minimize", "train", "quasi_newton", "planned_steps", "METHODS", "UNITS",
+           "HESSP_PASSES", "STATUS_BUDGET", "STATUS_TIME", "STATUS_DIVERGED"]
 
 #: SciPy methods supported by :func:`minimize`, with whether they use Hessian-vector products.
 METHODS = {"newton-cg": True, "bfgs": False, "cg": False, "l-bfgs-b": False, "trust-ncg": True}
@@ -91,9 +91,10 @@ class Result(OptimizeResult):
         Cross-entropy and accuracy at ``x`` on the problem's held-out samples
         (:meth:`optcore.problems.Problem.validation`), ``None`` when it has none.
     trace : ndarray, shape (k, 4)
-        Rows ``(evaluations, seconds, loss, epochs)``: for SciPy every evaluation (trial points of line
-        searches included; a last row at the total cost when Hessian-vector products followed
-        the last evaluation), for :func:`train` the full-data loss at regular checkpoints.
+        Rows ``(evaluations, seconds, loss, epochs)``: for SciPy and :func:`quasi_newton` every
+        evaluation (trial points of line searches included; a last row at the total cost when
+        Hessian-vector products followed the last evaluation), for :func:`train` the full-data
+        loss at regular checkpoints.
     """
 
     def to_dict(self):
@@ -436,5 +437,80 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
     if not np.all(np.isfinite(x)):
         status, success, message = STATUS_DIVERGED, False, "parameters became non-finite"
     return _finish(problem, x, meter, seconds, method=name or type(opt).__name__.lower(),
+                   nfev=meter.nfev, njev=meter.nfev, success=success, status=status,
+                   message=message)
+
+
+def quasi_newton(problem, optimizer, *, budget=None, time_limit=None, units="evals", name=None,
+                 **hyper):
+    r"""Minimize a problem with a full-batch optimizer driven by ``step(closure)``
+    (:class:`optcore.BFGS`, :class:`optcore.LBFGS`) on its float32 path.
+
+    The closure evaluates the loss and the full-data gradient (written into the arena in
+    place by :meth:`Problem.loss_and_grad_`); every call is charged one evaluation and one
+    pass over the data, and the budget or the time limit stop the run from inside it, at
+    which point the best point evaluated is returned, as :func:`minimize` does.
+
+    Parameters
+    ----------
+    problem : optcore.problems.Problem
+    optimizer : type
+        A class built as ``optimizer(problem.parameters(), **hyper)`` whose
+        ``step(closure)`` minimizes until its own stopping rules hold and counts its
+        iterations in ``iterations``.
+    budget : float, optional
+        Limit in ``units``.
+    time_limit : float, optional
+        Limit in seconds (checked before each evaluation).
+    units : {"evals", "epochs"}, default "evals"
+    name : str, optional
+        ``Result.method``; default the optimizer's ``method`` attribute.
+    **hyper
+        Options of the optimizer (``gtol``, ``m``, ...).
+
+    Returns
+    -------
+    Result
+        ``status`` the optimizer's (0 converged), or :data:`STATUS_BUDGET` /
+        :data:`STATUS_TIME`; ``nit`` the iterations completed.
+
+    Examples
+    --------
+    >>> import optcore
+    >>> from optcore.problems import Quadratic
+    >>> from optcore.baselines import quasi_newton
+    >>> r = quasi_newton(Quadratic(10, cond=10.0), optcore.LBFGS, budget=100)
+    >>> r.fun < 1e-9, r.method
+    (True, 'optcore-lbfgs')
+    """
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem must be an optcore.problems.Problem, got {type(problem).__name__}")
+    if not (isinstance(optimizer, type) and callable(getattr(optimizer, "step", None))):
+        raise TypeError(f"optimizer must be a class with step(closure), got {optimizer!r}")
+    budget, time_limit = _limits(budget, time_limit, units)
+    params = problem.parameters()
+    opt = optimizer(params, **hyper)
+    meter = _Meter(budget, time_limit, units)
+    best = {"f": math.inf, "x": problem.x0.copy()}
+
+    def closure():
+        meter.charge(1, 1.0)
+        meter.nfev += 1
+        f = problem.loss_and_grad_(params)
+        meter.record(f)
+        if f < best["f"]:
+            best["f"], best["x"] = f, problem.x_of(params)
+        return f
+
+    try:
+        res = opt.step(closure)
+        seconds = meter.elapsed()
+        x, success, status, message = (problem.x_of(params), bool(res.success),
+                                       int(res.status), str(res.message))
+    except _Stop as stop:
+        seconds = meter.elapsed()
+        x, success, status, message = best["x"], False, stop.status, stop.message
+    meter.nit = int(opt.iterations)
+    return _finish(problem, x, meter, seconds, method=name or optimizer.method,
                    nfev=meter.nfev, njev=meter.nfev, success=success, status=status,
                    message=message)

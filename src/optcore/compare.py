@@ -35,6 +35,7 @@ from optcore import baselines, problems
 from optcore.clip import GlobalNorm
 
 __all__ = ["run", "format_table", "plot", "write", "Records", "FIRST_ORDER", "SCIPY_METHODS",
+           "QUASI_NEWTON", "full_batch",
            "DEFAULT_METHODS", "DEFAULT_PROBLEMS", "LEARNING_RATES", "BUDGETS", "REGIMES",
            "HOLDOUT", "SPLIT_SEED", "warmup_cosine", "run_method", "first_order_setup",
            "first_order_steps"]
@@ -51,10 +52,14 @@ FIRST_ORDER = {
 }
 #: SciPy methods of the suite.
 SCIPY_METHODS = tuple(baselines.METHODS)
+#: optcore's quasi-Newton methods (full batch, float32 path, ``step(closure)``), run by
+#: :func:`optcore.baselines.quasi_newton` with their default options.
+QUASI_NEWTON = {"optcore-bfgs": optcore.BFGS, "optcore-lbfgs": optcore.LBFGS}
 #: Suffix of a first-order method run with global-norm clipping, e.g. ``"adam+clip"``.
 CLIP_SUFFIX = "+clip"
 DEFAULT_METHODS = (
     tuple(FIRST_ORDER) + tuple(m + CLIP_SUFFIX for m in FIRST_ORDER) + SCIPY_METHODS
+    + tuple(QUASI_NEWTON)
 )
 DEFAULT_PROBLEMS = tuple(problems.PROBLEMS)
 
@@ -119,6 +124,12 @@ def warmup_cosine(lr, total_steps, warmup=0.02):
     return schedule
 
 
+def full_batch(method):
+    """Whether ``method`` is one of the full-batch methods of the suite (SciPy's, optcore's
+    quasi-Newton), as opposed to the minibatch first-order ones."""
+    return method in SCIPY_METHODS or method in QUASI_NEWTON
+
+
 def _parse_methods(methods):
     if methods is None:
         return list(DEFAULT_METHODS)
@@ -128,7 +139,7 @@ def _parse_methods(methods):
             raise TypeError(f"methods must be strings, got {m!r}")
         key = m.strip().lower()
         base = key[: -len(CLIP_SUFFIX)] if key.endswith(CLIP_SUFFIX) else key
-        if base not in FIRST_ORDER and key not in SCIPY_METHODS:
+        if base not in FIRST_ORDER and not full_batch(key):
             raise ValueError(
                 f"unknown method {m!r}; choose from {', '.join(DEFAULT_METHODS)}"
             )
@@ -207,8 +218,8 @@ def first_order_setup(problem, method):
     """``(class, hyper-parameters, batch size)`` of a first-order method of the suite on
     ``problem``: the optimizer class, its keyword arguments (peak ``lr`` of
     :data:`LEARNING_RATES`, the fixed ones of :data:`FIRST_ORDER`, ``clip`` for the
-    ``"+clip"`` variants, :class:`optcore.clip.GlobalNorm` at :data:`CLIP_NORMS`) and :data:`BATCH_SIZE` for the data problems (``None``: full
-    batch)."""
+    ``"+clip"`` variants, :class:`optcore.clip.GlobalNorm` at :data:`CLIP_NORMS`) and
+    :data:`BATCH_SIZE` for the data problems (``None``: full batch)."""
     clip = method.endswith(CLIP_SUFFIX)
     base = method[: -len(CLIP_SUFFIX)] if clip else method
     cls, fixed = FIRST_ORDER[base]
@@ -250,6 +261,9 @@ def run_method(problem, method, budget, time_limit, *, seed=0, trace_points=100,
     if method in SCIPY_METHODS:
         return baselines.minimize(problem, method, budget=budget, time_limit=time_limit,
                                   units=units)
+    if method in QUASI_NEWTON:
+        return baselines.quasi_newton(problem, QUASI_NEWTON[method], budget=budget,
+                                      time_limit=time_limit, units=units)
     cls, hyper, batch = first_order_setup(problem, method)
     lr = hyper["lr"]
     kwargs = dict(batch_size=batch, seed=seed, name=method, **hyper)
@@ -379,7 +393,7 @@ def _status(r):
         return "budget"
     if r.status == baselines.STATUS_TIME:
         return "time"
-    if r.method in SCIPY_METHODS:
+    if full_batch(r.method):
         return "converged" if r.success else f"stopped ({r.status})"
     return "done"
 
@@ -423,6 +437,9 @@ def _style(method):
                     "l-bfgs-b": "tab:gray", "trust-ncg": "navy"}
     if method in SCIPY_METHODS:
         return {"color": scipy_colors[method], "linestyle": ":", "linewidth": 2.2}
+    if method in QUASI_NEWTON:  # the color of SciPy's counterpart
+        return {"color": scipy_colors[method[len("optcore-"):].replace("lbfgs", "l-bfgs-b")],
+                "linestyle": "-.", "linewidth": 2.2}
     base = method[: -len(CLIP_SUFFIX)] if method.endswith(CLIP_SUFFIX) else method
     color = f"C{list(FIRST_ORDER).index(base)}"
     return {"color": color, "linestyle": "--" if method.endswith(CLIP_SUFFIX) else "-",
@@ -476,7 +493,7 @@ def plot(problem, records, path):
         ax.set_yscale("log")
         ax.grid(True, which="major", alpha=0.3)
     fig.suptitle(f"{problem.name} (n = {problem.n}): optcore first-order (solid; dashed = "
-                 f"global-norm clipping) vs SciPy (dotted)")
+                 f"global-norm clipping), SciPy (dotted), optcore quasi-Newton (dash-dot)")
     fig.legend(loc="center right", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 0.87, 0.95))
     fig.savefig(path, dpi=110)

@@ -48,11 +48,13 @@ QUICK_MEMORY_LIMIT = 64 * 2**20
 PROBE_EVALUATIONS = 3
 #: Methods with a dense :math:`n \times n` float64 matrix: bytes per :math:`8 n^2`, the peak
 #: measured with tracemalloc at :math:`n = 998` (SciPy builds the update
-#: :math:`(I - \rho s y^\top) H (I - \rho y s^\top)` from full-size temporaries).
-DENSE_BYTES = {"bfgs": 6.0}
+#: :math:`(I - \rho s y^\top) H (I - \rho y s^\top)` from full-size temporaries; optcore's
+#: BFGS keeps the packed lower triangle, :math:`n(n+1)/2` numbers, and no temporary).
+DENSE_BYTES = {"bfgs": 6.0, "optcore-bfgs": 0.5}
 #: Methods of the study: the first-order optimizers without clipping and every full-batch
 #: method of :mod:`optcore.compare`.
-DEFAULT_METHODS = tuple(compare.FIRST_ORDER) + compare.SCIPY_METHODS
+DEFAULT_METHODS = (tuple(compare.FIRST_ORDER) + compare.SCIPY_METHODS
+                   + tuple(compare.QUASI_NEWTON))
 
 STATUS_SKIPPED = "skipped"
 STATUS_TOO_SLOW = "too slow"
@@ -65,7 +67,7 @@ def _peak_memory(problem, method, time_limit, seed):
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        if method in compare.SCIPY_METHODS:
+        if compare.full_batch(method):
             compare.run_method(problem, method, PROBE_EVALUATIONS, time_limit, seed=seed)
         else:
             compare.first_order_steps(problem, method, PROBE_EVALUATIONS, seed=seed)
@@ -107,7 +109,7 @@ def _one(problem, method, hidden, time_limit, memory_limit, seed):
         rec["status"], rec["reason"] = "diverged", r.message
     elif r.nit == 0:
         rec["status"], rec["reason"] = STATUS_TOO_SLOW, _too_slow_reason(r, time_limit)
-    elif method in compare.SCIPY_METHODS and r.success:
+    elif compare.full_batch(method) and r.success:
         rec["status"] = "converged"
     else:
         rec["status"] = "time" if r.status == baselines.STATUS_TIME else "done"
