@@ -237,8 +237,12 @@ class _QuasiNewton:
         """Form ``s, y`` (and ``x0 = x``, ``g0 = g``); return ``(s.y, y.y, g.g, max|g|)``."""
         raise NotImplementedError
 
-    def _next_direction(self, sy, yy):
-        """Update the memory with the pair just formed and set ``d``; return ``g.d``."""
+    def _update(self, sy, yy):
+        """Update the memory with the pair just formed (skipped unless s.y > eps y.y)."""
+        raise NotImplementedError
+
+    def _direction(self):
+        """Set ``d = -H g`` after :meth:`_update`; return ``g.d``."""
         raise NotImplementedError
 
     def _has_memory(self):
@@ -308,7 +312,7 @@ class _QuasiNewton:
             if dphi0 is None:
                 status, message = STATUS_LINE_SEARCH, "ABNORMAL: NO DESCENT DIRECTION"
                 break
-            t = min(1.0, 1.0 / math.sqrt(gg)) if self.iterations == 0 else 1.0
+            t = 1.0 if self._has_memory() else min(1.0, 1.0 / math.sqrt(gg))
             n_before = run.nfev
 
             def phi(a):
@@ -327,6 +331,7 @@ class _QuasiNewton:
                 break
             rows.append((t, f, dphi0, f_new, dphi, run.nfev - n_before))
             sy, yy, gg, gmax = self._pair()
+            self._update(sy, yy)
             nit += 1
             self.iterations += 1
             f_old, f = f, f_new
@@ -339,7 +344,7 @@ class _QuasiNewton:
             elif self.maxfun is not None and run.nfev >= self.maxfun:
                 status, message = STATUS_LIMIT, "STOP: TOTAL NO. OF F,G EVALUATIONS EXCEEDS LIMIT"
             else:
-                dphi0 = self._descent(self._next_direction(sy, yy))
+                dphi0 = self._descent(self._direction())
         return self._result(run, f, gg, gmax, nit, status, message, rows)
 
     def _descent(self, dphi0):
@@ -468,7 +473,11 @@ class BFGS(_QuasiNewton):
     def _pair(self):
         return _qn.pair(self._pairs, self._sc)
 
-    def _next_direction(self, sy, yy):
+    def _direction(self):
+        return self._set_direction()
+
+    def _update(self, sy, yy):
+        """The pending rank-two update and ``d = -H_{k+1} g_{k+1}`` (float64)."""
         g, s, y, w, u = self._g64, self._s64, self._y64, self._w, self._u
         _qn.gather(self._main, _G, self._offsets, g)
         if not sy > _EPS * yy:
@@ -477,7 +486,7 @@ class BFGS(_QuasiNewton):
                 np.negative(w, out=self._d64)
             else:
                 np.negative(g, out=self._d64)
-            return self._set_direction()
+            return
         _qn.gather(self._pairs, _S, self._offsets, s)
         _qn.gather(self._pairs, _Y, self._offsets, y)
         if self._have_h:
@@ -503,7 +512,6 @@ class BFGS(_QuasiNewton):
         np.multiply(s, -_qn.dot64(v, g), out=d)
         d -= w
         d -= _qn.dot64(s, g) * v
-        return self._set_direction()
 
     def inverse_hessian(self):
         """The current inverse-Hessian approximation as a dense ``(n, n)`` float64 array
@@ -571,14 +579,13 @@ class LBFGS(_QuasiNewton):
     def _pair(self):
         return _qn.pair(self._pairs[self._free], self._sc)
 
-    def _next_direction(self, sy, yy):
+    def _update(self, sy, yy):
         if sy > _EPS * yy:
             if len(self._memory) == self.m:
                 self._memory.popleft()
             self._memory.append((self._free, 1.0 / sy))
             self._free = (self._free + 1) % self._ring
             self._gamma = sy / yy
-        return self._direction()
 
     def _direction(self):
         """Two-loop recursion (Nocedal & Wright, algorithm 7.4): ``d = -H g``; returns g.d."""
