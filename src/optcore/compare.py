@@ -20,6 +20,7 @@ the methods train on the rest, and every record carries the loss and accuracy on
 samples. :data:`REGIMES` says what is held equal between methods: full-data gradient
 evaluations (the default), passes over the training data, or wall time.
 """
+import contextlib
 import json
 import math
 import os
@@ -38,7 +39,7 @@ __all__ = ["run", "format_table", "plot", "write", "Records", "FIRST_ORDER", "SC
            "QUASI_NEWTON", "full_batch",
            "DEFAULT_METHODS", "DEFAULT_PROBLEMS", "LEARNING_RATES", "BUDGETS", "REGIMES",
            "HOLDOUT", "SPLIT_SEED", "warmup_cosine", "run_method", "first_order_setup",
-           "first_order_steps"]
+           "first_order_steps", "layout", "session", "check_seed"]
 
 #: optcore optimizers of the suite: name -> (class, fixed hyper-parameters).
 FIRST_ORDER = {
@@ -203,6 +204,30 @@ class _Progress:
         self.stream.flush()
 
 
+@contextlib.contextmanager
+def session(threads):
+    """Within: optcore's kernels and (with threadpoolctl) the BLAS limited to ``threads``, and
+    the overflow warnings of diverging runs silenced (they are reported as diverged records);
+    the thread counts are restored on the way out."""
+    previous = optcore.get_num_threads()
+    limits = _threads_context(threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        if limits is not None:
+            limits.restore_original_limits()
+        optcore.set_num_threads(previous)
+
+
+def check_seed(seed):
+    """``seed`` as a non-negative integer, or a ValueError."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
 def _threads_context(threads):
     """Limit optcore (the caller restores it) and, when threadpoolctl is installed, the BLAS
     library to ``threads``."""
@@ -340,8 +365,7 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
     time_limit = ck.real("time_limit", time_limit)
     if not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds, got {time_limit}")
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = check_seed(seed)
     threads = ck.positive_int("threads", threads)
     if (X is None) != (y is None):
         raise ValueError("give both X and y")
@@ -361,28 +385,19 @@ def run(problems_=None, methods=None, *, budget=None, time_limit=None, seed=0, t
                                             **kwargs)
     bar = _Progress(len(names) * len(methods), progress)
     results = {}
-    previous_threads = optcore.get_num_threads()
-    limits = _threads_context(threads)
-    try:
-        with warnings.catch_warnings():
-            # diverging first-order runs overflow; they are reported as diverged records
-            warnings.simplefilter("ignore", RuntimeWarning)
-            for name in names:
-                problem = built[name]
-                problem.f_star  # the reference minimum for the plots, computed here, untimed
-                b = budget if budget is not None else (QUICK_BUDGET if quick else BUDGETS[name])
-                b = None if regime == "time" else b
-                units = "epochs" if regime == "epochs" else "evals"
-                results[name] = Records(problem, regime=regime)
-                for method in methods:
-                    results[name].append(run_method(problem, method, b, time_limit, seed=seed,
-                                                    trace_points=20 if quick else 100,
-                                                    units=units))
-                    bar.update(f"{name} {method}")
-    finally:
-        if limits is not None:
-            limits.restore_original_limits()
-        optcore.set_num_threads(previous_threads)
+    with session(threads):
+        for name in names:
+            problem = built[name]
+            problem.f_star  # the reference minimum for the plots, computed here, untimed
+            b = budget if budget is not None else (QUICK_BUDGET if quick else BUDGETS[name])
+            b = None if regime == "time" else b
+            units = "epochs" if regime == "epochs" else "evals"
+            results[name] = Records(problem, regime=regime)
+            for method in methods:
+                results[name].append(run_method(problem, method, b, time_limit, seed=seed,
+                                                trace_points=20 if quick else 100,
+                                                units=units))
+                bar.update(f"{name} {method}")
     return results
 
 
@@ -415,8 +430,13 @@ def format_table(results):
                 "-" if r.val_loss is None else f"{r.val_loss:.4f}", pct(r.val_accuracy),
                 _status(r),
             ))
+    return layout(head, rows, right=set(range(2, 11)))
+
+
+def layout(head, rows, right=()):
+    """Plain-text columns: a header, a rule, the rows (strings) with the columns of ``right``
+    right-aligned and a blank line wherever the first column changes."""
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    right = set(range(2, 11))
 
     def fmt(row):
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)

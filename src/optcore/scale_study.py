@@ -22,11 +22,7 @@ import json
 import math
 import os
 import tracemalloc
-import warnings
 
-import numpy as np
-
-import optcore
 from optcore import _checks as ck
 from optcore import baselines, compare, problems
 
@@ -169,26 +165,17 @@ def run(methods=None, *, hidden=None, time_limit=None, memory_limit=None, seed=0
     memory_limit = ck.real("memory_limit", memory_limit)
     if not memory_limit > 0:
         raise ValueError(f"memory_limit must be > 0 bytes, got {memory_limit}")
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = compare.check_seed(seed)
     threads = ck.positive_int("threads", threads)
     bar = compare._Progress(len(widths) * len(methods), progress)
     records = []
-    previous_threads = optcore.get_num_threads()
-    limits = compare._threads_context(threads)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            for h in widths:
-                problem = problems.MLP(hidden=h, seed=seed, holdout=compare.HOLDOUT,
-                                       split_seed=compare.SPLIT_SEED)
-                for method in methods:
-                    records.append(_one(problem, method, h, time_limit, memory_limit, seed))
-                    bar.update(f"n={problem.n} {method}")
-    finally:
-        if limits is not None:
-            limits.restore_original_limits()
-        optcore.set_num_threads(previous_threads)
+    with compare.session(threads):
+        for h in widths:
+            problem = problems.MLP(hidden=h, seed=seed, holdout=compare.HOLDOUT,
+                                   split_seed=compare.SPLIT_SEED)
+            for method in methods:
+                records.append(_one(problem, method, h, time_limit, memory_limit, seed))
+                bar.update(f"n={problem.n} {method}")
     return records
 
 
@@ -214,21 +201,7 @@ def format_table(records):
                          _fmt(None if r["val_accuracy"] is None else 100 * r["val_accuracy"],
                               ".2f") + ("%" if r["val_accuracy"] is not None else ""),
                          status))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    right = {0, 2, 3, 4, 5, 6}
-
-    def fmt(row):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-
-    lines = [fmt(head), fmt(tuple("-" * w for w in widths))]
-    previous = None
-    for row in rows:
-        if previous is not None and row[0] != previous:
-            lines.append("")
-        lines.append(fmt(row))
-        previous = row[0]
-    return "\n".join(lines)
+    return compare.layout(head, rows, right={0, 2, 3, 4, 5, 6})
 
 
 def plot(records, path, time_limit=None):
