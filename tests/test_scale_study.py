@@ -42,13 +42,15 @@ def test_quick_scale_refuses_nothing_silently(quick, capsys):
         else:
             assert r["status"] in ("skipped", "too slow", "diverged") and r["reason"]
     bfgs = {r["n"]: r for r in records if r["method"] == "bfgs"}
-    # 6 x 8 n^2 bytes: 45 MiB at n = 998 (under the quick 64 MiB), 4.5 GiB at n = 10042
-    assert bfgs[998]["status"] in RAN
+    # 6 x 8 n^2 bytes: 45 MiB at n = 998 (under the quick 64 MiB), 4.5 GiB at n = 10042; at
+    # n = 998 it runs (one O(n^3) iteration may not fit in 0.2 s on a loaded machine: then
+    # "too slow", with the reason)
+    assert bfgs[998]["status"] in RAN | {"too slow"} and bfgs[998]["memory_bytes"] > 0
     assert bfgs[10042]["status"] == "skipped" and bfgs[10042]["memory_bytes"] is None
     assert "dense n x n matrix: 4.51 GiB > memory limit 0.0625 GiB" == bfgs[10042]["reason"]
     ours = {r["n"]: r for r in records if r["method"] == "optcore-bfgs"}
     # the packed triangle, 4 n^2 bytes: 3.8 MiB at n = 998, 385 MiB at n = 10042
-    assert ours[998]["status"] in RAN
+    assert ours[998]["status"] in RAN | {"too slow"} and ours[998]["memory_bytes"] > 0
     assert ours[10042]["reason"] == "dense n x n matrix: 0.376 GiB > memory limit 0.0625 GiB"
     table = (out / "scale.txt").read_text()
     assert "skipped: dense n x n matrix" in table
