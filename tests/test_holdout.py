@@ -50,7 +50,7 @@ def _raw_split():
     return (X[train] - mu) / sd, y[train], (X[held] - mu) / sd, y[held]
 
 
-def test_problems_train_on_the_training_part_standardized_by_its_statistics(rng):
+def test_problems_train_on_the_training_part_standardized_by_its_statistics():
     Xt, yt, Xv, yv = _raw_split()
     for cls in (P.LogisticRegression, P.SoftmaxRegression):
         p = cls(holdout=0.2)

@@ -3,16 +3,17 @@ r"""First-order training against second-order methods on the same objectives.
 :func:`run` trains every problem of :data:`optcore.problems.PROBLEMS` with every first-order
 optimizer of optcore (each with and without global-norm clipping, under a warm-up + cosine
 learning-rate schedule) and minimizes it with every SciPy method of
-:data:`optcore.baselines.METHODS`, all under the same budget of full-data gradient
-evaluations; :func:`format_table` prints the records, :func:`plot` draws loss against
+:data:`optcore.baselines.METHODS` and with optcore's quasi-Newton methods
+(:data:`QUASI_NEWTON`), all under the same budget of full-data gradient evaluations; :func:`format_table` prints the records, :func:`plot` draws loss against
 evaluations and against wall time, :func:`write` stores plots and JSON. The ``optcore
 compare`` command is a thin wrapper (see :mod:`optcore.cli`).
 
 First-order methods run on minibatches of :data:`BATCH_SIZE` samples for the data problems
 (full batch for the analytic ones); their learning rates (:data:`LEARNING_RATES`) were picked
 per problem from the grid :math:`\{10^{-4}, 3\cdot10^{-4}, \dots, 1\}` on the default problems
-with seed 0 and the default budget, once, by the lowest final loss without clipping. SciPy
-methods always use the full data, in float64.
+with seed 0 and the default budget, once, by the lowest final loss without clipping (on all
+the samples, before the held-out split below; not re-tuned since). SciPy methods always use the
+full data, in float64; optcore's quasi-Newton methods the full data, in float32.
 
 The data problems hold out a fixed stratified :data:`HOLDOUT` share of the samples
 (:func:`optcore.problems.stratified_split`, seed :data:`SPLIT_SEED`, whatever ``seed`` is):
