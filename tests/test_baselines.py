@@ -1,6 +1,7 @@
 """optcore.baselines: SciPy methods reach the known minima, train() with optcore optimizers,
 the Result record and its accounting of evaluations."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from optcore import problems as P
 from optcore.clip import GlobalNorm
 
 FIELDS = {"x", "fun", "nit", "nfev", "njev", "nhev", "success", "status", "message",
-          "seconds", "grad_norm", "trace", "evaluations", "method", "problem", "accuracy"}
+          "seconds", "grad_norm", "trace", "evaluations", "method", "problem", "accuracy",
+          "epochs", "val_loss", "val_accuracy"}
 
 
 @pytest.mark.parametrize("method", list(B.METHODS))
@@ -42,7 +44,9 @@ def test_result_record_fields_and_accounting():
         assert r.njev == r.nfev >= 1
         assert (r.nhev > 0) == uses_hessp
         assert r.evaluations == r.nfev + problem.hessp_cost * r.nhev
-        assert r.trace.shape[1] == 3 and len(r.trace) - r.nfev in ((0, 1) if uses_hessp else (0,))
+        assert r.epochs == r.nfev + B.HESSP_PASSES * r.nhev
+        assert r.trace[-1, 3] == r.epochs and r.val_loss is None and r.val_accuracy is None
+        assert r.trace.shape[1] == 4 and len(r.trace) - r.nfev in ((0, 1) if uses_hessp else (0,))
         assert np.all(np.diff(r.trace[:, 0]) > 0) and np.all(np.diff(r.trace[:, 1]) >= 0)
         assert r.trace[-1, 0] == r.evaluations
         assert r.fun == pytest.approx(problem.fun(r.x))
@@ -178,3 +182,101 @@ def test_train_rejects_bad_arguments(kwargs, err, match):
         B.train(P.Rosenbrock(2), optcore.Adam, **kwargs)
     with pytest.raises(TypeError, match="optimizer"):
         B.train(P.Rosenbrock(2), "adam", steps=1)
+
+
+@pytest.mark.parametrize("method", ["newton-cg", "trust-ncg", "l-bfgs-b"])
+def test_epochs_budget_charges_hessian_vector_products_as_two_passes(method):
+    # logistic: exact Hv, one gradient under "evals" but two passes under "epochs"
+    problem = P.LogisticRegression(holdout=0.2)
+    for units, budget in (("evals", 9), ("epochs", 9)):
+        r = B.minimize(problem, method, budget=budget, units=units)
+        assert r.evaluations == r.nfev + r.nhev and r.epochs == r.nfev + 2 * r.nhev
+        spent = r.evaluations if units == "evals" else r.epochs
+        assert spent <= budget
+        if r.status == B.STATUS_BUDGET:
+            # stopped by the next charge: one evaluation (1) or one product (1 or 2) more
+            assert spent + (2 if units == "epochs" and r.nhev else 1) > budget
+        assert np.all(np.diff(r.trace[:, 3]) >= 0)
+        val = problem.validation(r.x)
+        assert (r.val_loss, r.val_accuracy) == val and 0.0 < r.val_loss < 1.0
+
+
+@pytest.mark.parametrize("budget", [0.3, 1.0, 2.5, 3.0])
+def test_train_epochs_budget_counts_the_samples_of_each_batch(budget):
+    problem = P.SoftmaxRegression(holdout=0.2)  # 1438 samples: 11 batches of 128 and one of 30
+    r = B.train(problem, optcore.Adam, budget=budget, batch_size=128, seed=5, units="epochs",
+                lr=1e-3)
+    sizes = []
+    batches = problem.batches(128, seed=5)
+    while sum(sizes) + (b := next(batches).size) <= budget * problem.n_samples * (1 + 1e-12):
+        sizes.append(b)
+    assert r.nit == len(sizes) == B.planned_steps(budget, problem.n_samples, 128, "epochs")
+    assert r.epochs == pytest.approx(sum(sizes) / problem.n_samples, rel=1e-12)
+    assert r.evaluations == pytest.approx(len(sizes) * 128 / problem.n_samples, rel=1e-12)
+    assert r.trace[-1, 3] == pytest.approx(r.epochs) and r.val_loss == problem.validation(r.x)[0]
+    ev = B.train(problem, optcore.Adam, budget=budget, batch_size=128, seed=5, lr=1e-3)
+    assert ev.nit == B.planned_steps(budget, problem.n_samples, 128, "evals") == math.floor(
+        budget * problem.n_samples / 128 + 1e-9)
+
+
+def test_planned_steps_without_minibatches_and_bad_units():
+    assert B.planned_steps(7.5, None, None, "epochs") == 7
+    assert B.planned_steps(7.5, 100, 200, "evals") == 7
+    with pytest.raises(ValueError, match="units"):
+        B.minimize(P.Rosenbrock(3), "cg", budget=3, units="passes")
+    with pytest.raises(ValueError, match="units"):
+        B.train(P.Rosenbrock(3), optcore.SGD, steps=3, units="seconds")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_diverged_run_validation_scores():
+    problem = P.SoftmaxRegression(holdout=0.2)
+    with np.errstate(all="ignore"):
+        r = B.train(problem, optcore.SGD, steps=50, lr=1e30)
+    assert r.status == B.STATUS_DIVERGED
+    assert (r.val_loss, r.val_accuracy) == problem.validation(r.x)  # x is still finite
+    json.dumps(r.to_dict(), allow_nan=False)
+    # non-finite parameters have no score (NaN, null in JSON) rather than argmax's guess
+    x = np.full(problem.n, np.inf)
+    bad = B._finish(problem, x, B._Meter(None, None), 0.0)
+    assert np.isnan(bad.val_loss) and np.isnan(bad.val_accuracy)
+    assert json.loads(json.dumps(bad.to_dict(), allow_nan=False))["val_accuracy"] is None
+
+
+@pytest.mark.parametrize("cls", [optcore.BFGS, optcore.LBFGS])
+def test_quasi_newton_runs_the_optimizer_unchanged_and_counts_like_minimize(cls):
+    problem = P.LogisticRegression(holdout=0.2)
+    r = B.quasi_newton(problem, cls, budget=1000)
+    # the same optimizer driven directly: the harness only counts, so the iterates agree bitwise
+    params = problem.parameters()
+    direct = cls(params).step(lambda: problem.loss_and_grad_(params))
+    # (both end the same way: converged, or a line search that float32 losses cannot satisfy)
+    assert r.status == direct.status and r.success == direct.success and r.nfev < 1000
+    np.testing.assert_array_equal(r.x, problem.x_of(params))
+    assert r.nit == direct.nit and r.nfev == direct.nfev == r.evaluations == r.epochs
+    assert r.method == cls.method and r.nhev == 0
+    assert len(r.trace) == r.nfev and r.trace[-1, 0] == r.nfev and r.trace[-1, 3] == r.nfev
+    assert (r.val_loss, r.val_accuracy) == problem.validation(r.x)
+
+
+@pytest.mark.parametrize("units", ["evals", "epochs"])
+def test_quasi_newton_budget_stops_with_the_best_point(units):
+    problem = P.Rosenbrock(6)
+    r = B.quasi_newton(problem, optcore.LBFGS, budget=7, units=units)
+    assert r.status == B.STATUS_BUDGET and not r.success and r.nfev == 7
+    assert r.evaluations == r.epochs == 7
+    # the best of the evaluated (float32) points, rescored in float64
+    assert r.fun == pytest.approx(problem.fun(r.x)) and r.trace[:, 2].min() == pytest.approx(
+        r.fun, rel=1e-5)
+    assert 0 < r.nit < 7
+
+
+def test_quasi_newton_time_limit_and_bad_arguments():
+    r = B.quasi_newton(P.MLP(hidden=30, holdout=0.2), optcore.BFGS, time_limit=1e-6)
+    assert r.status == B.STATUS_TIME and r.nfev <= 1
+    with pytest.raises(TypeError, match="optimizer"):
+        B.quasi_newton(P.Rosenbrock(3), optcore.Adam(optcore.Parameters({"x": (3,)})))
+    with pytest.raises(TypeError, match="problem"):
+        B.quasi_newton("rosenbrock", optcore.BFGS)
+    with pytest.raises(ValueError, match="budget"):
+        B.quasi_newton(P.Rosenbrock(3), optcore.BFGS, budget=0)

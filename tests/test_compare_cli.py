@@ -161,3 +161,60 @@ def test_format_table_sorts_by_loss_and_marks_status():
     assert table[0].split()[:3] == ["problem", "method", "final"]
     assert table[2].split()[1] == "trust-ncg"
     assert table[3].split()[1] == "sgd" and table[3].split()[-1] == "budget"
+
+
+def test_records_hold_validation_fields_and_the_table_shows_them(tmp_path, capsys):
+    assert _run(["compare", "--problems", "softmax", "rosenbrock", "--methods", "adam",
+                 "l-bfgs-b", "--budget", "5", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "val loss" in table and "val acc" in table
+    data = json.loads((tmp_path / "softmax.json").read_text())
+    assert data["n_val"] == 359 and data["n_train"] == 1438 and data["regime"] == "evals"
+    from optcore import problems
+
+    problem = problems.SoftmaxRegression(holdout=compare.HOLDOUT, split_seed=compare.SPLIT_SEED)
+    for r in data["records"]:
+        assert {"val_loss", "val_accuracy", "epochs"} <= set(r)
+        loss, acc = problem.validation(np.array(r["x"]))
+        assert r["val_loss"] == pytest.approx(loss, rel=1e-12) and r["val_accuracy"] == acc
+        assert f"{r['val_loss']:.4f}" in table
+    ros = json.loads((tmp_path / "rosenbrock.json").read_text())
+    assert all(r["val_loss"] is None and r["val_accuracy"] is None for r in ros["records"])
+
+
+def test_epochs_regime_spends_passes_over_the_data(tmp_path, capsys):
+    assert _run(["compare", "--regime", "epochs", "--problems", "logistic", "--methods",
+                 "sgd", "newton-cg", "--budget", "6", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    data = json.loads((tmp_path / "logistic.json").read_text())
+    assert data["regime"] == "epochs" and data["settings"]["regime"] == "epochs"
+    sgd, newton = data["records"]
+    # 1438 samples in batches of 128: 12 steps an epoch, the last of 30 samples
+    assert sgd["nit"] == 6 * 12 and sgd["epochs"] == pytest.approx(6.0)
+    assert sgd["evaluations"] == pytest.approx(72 * 128 / 1438)
+    assert newton["epochs"] == newton["nfev"] + 2 * newton["nhev"] <= 6
+    assert newton["evaluations"] == newton["nfev"] + newton["nhev"]
+
+
+def test_time_regime_gives_every_method_the_same_wall_time(tmp_path, capsys):
+    assert _run(["compare", "--regime", "time", "--time-limit", "0.2", "--problems", "mlp",
+                 "--methods", "adam", "cg", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    data = json.loads((tmp_path / "mlp.json").read_text())
+    for r in data["records"]:
+        # a run stops at the first check after the limit (one step or evaluation later) or,
+        # first-order, after the steps the calibration planned for the limit
+        assert 0 < r["seconds"] < 0.2 + 0.5
+        assert r["status"] in (0, 102) or r["message"].startswith("Optimization terminated")
+    assert data["records"][0]["nit"] > 10
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--regime", "steps"], "invalid choice: 'steps'"),
+    (["--regime", "time", "--budget", "3"], "regime 'time' takes no budget"),
+])
+def test_bad_regime_gives_one_line(argv, match, tmp_path, capsys):
+    assert _run(["compare", "--quick", "--out", str(tmp_path)] + argv) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0] and "error" in lines[0]
+    assert list(tmp_path.iterdir()) == []

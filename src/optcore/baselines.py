@@ -13,8 +13,17 @@ optimizers on the problem's float32 path. Both return a :class:`Result`, modelle
   ``nfev + hessp_cost * nhev`` (a Hessian-vector product costs about one gradient when exact,
   two when it is a difference of gradients, see :attr:`optcore.problems.Problem.hessp_cost`);
   for :func:`train`, each step costs ``batch_size / n_samples`` (one epoch = 1).
+* ``epochs`` is the cost in **passes over the training data** (the unit of
+  ``units="epochs"``): an evaluation of :math:`(f, \nabla f)` on all samples is one pass, a
+  Hessian-vector product :data:`HESSP_PASSES` passes (exact or by differences: a forward and a
+  backward sweep at the point and along the direction, Pearlmutter 1994), a step on a
+  minibatch of :math:`b` samples :math:`b / m` (the last, smaller batch of an epoch its true
+  share, so that an epoch costs exactly 1).
 * ``seconds`` is the wall time spent optimizing; the trace's extra full-data loss evaluations
   of :func:`train` are made with the clock stopped and are not counted.
+
+``budget=`` limits one of the two costs, chosen by ``units`` (``"evals"``, the default, or
+``"epochs"``); both are always recorded.
 """
 import math
 import time
@@ -30,11 +39,16 @@ from optcore.optim import Optimizer
 from optcore.params import Parameters
 from optcore.problems import Problem
 
-__all__ = ["Result", "minimize", "train", "METHODS", "STATUS_BUDGET", "STATUS_TIME",
-           "STATUS_DIVERGED"]
+__all__ = ["Result", "minimize", "train", "quasi_newton", "planned_steps", "METHODS", "UNITS",
+           "HESSP_PASSES", "STATUS_BUDGET", "STATUS_TIME", "STATUS_DIVERGED"]
 
 #: SciPy methods supported by :func:`minimize`, with whether they use Hessian-vector products.
 METHODS = {"newton-cg": True, "bfgs": False, "cg": False, "l-bfgs-b": False, "trust-ncg": True}
+
+#: Units of ``budget=``: full-data gradient evaluations or passes over the training data.
+UNITS = ("evals", "epochs")
+#: Passes over the data one Hessian-vector product costs under ``units="epochs"``.
+HESSP_PASSES = 2.0
 
 #: ``Result.status`` when the evaluation budget stopped the run.
 STATUS_BUDGET = 101
@@ -59,6 +73,8 @@ class Result(OptimizeResult):
         Iterations (steps), function/gradient evaluations and Hessian-vector products.
     evaluations : float
         Cost in full-data gradient evaluations (see the module notes).
+    epochs : float
+        Cost in passes over the training data (see the module notes).
     seconds : float
         Wall time of the optimization.
     success : bool
@@ -71,10 +87,14 @@ class Result(OptimizeResult):
         What ran on what.
     accuracy : float or None
         Training accuracy at ``x`` for classification problems.
-    trace : ndarray, shape (k, 3)
-        Rows ``(evaluations, seconds, loss)``: for SciPy every evaluation (trial points of line
-        searches included; a last row at the total cost when Hessian-vector products followed
-        the last evaluation), for :func:`train` the full-data loss at regular checkpoints.
+    val_loss, val_accuracy : float or None
+        Cross-entropy and accuracy at ``x`` on the problem's held-out samples
+        (:meth:`optcore.problems.Problem.validation`), ``None`` when it has none.
+    trace : ndarray, shape (k, 4)
+        Rows ``(evaluations, seconds, loss, epochs)``: for SciPy and :func:`quasi_newton` every
+        evaluation (trial points of line searches included; a last row at the total cost when
+        Hessian-vector products followed the last evaluation), for :func:`train` the full-data
+        loss at regular checkpoints.
     """
 
     def to_dict(self):
@@ -102,10 +122,12 @@ class _Stop(Exception):
 class _Meter:
     """Counts evaluations against the budget and the clock, and keeps the trace."""
 
-    def __init__(self, budget, time_limit):
+    def __init__(self, budget, time_limit, units="evals"):
         self.budget = budget
         self.time_limit = time_limit
+        self.units = units
         self.evaluations = 0.0
+        self.epochs = 0.0
         self.nfev = 0
         self.nhev = 0
         self.nit = 0
@@ -116,18 +138,25 @@ class _Meter:
     def elapsed(self):
         return time.perf_counter() - self.t0 - self.paused
 
-    def charge(self, cost):
-        if self.budget is not None and self.evaluations + cost > self.budget * (1 + 1e-12):
-            raise _Stop(STATUS_BUDGET, f"evaluation budget of {self.budget:g} exhausted")
+    def charge(self, cost, passes):
+        """Charge ``cost`` evaluations and ``passes`` epochs, or stop before exceeding the
+        budget (in ``units``) or the time limit."""
+        spent, extra = (self.evaluations, cost) if self.units == "evals" else (self.epochs, passes)
+        if self.budget is not None and spent + extra > self.budget * (1 + 1e-12):
+            what = "evaluation" if self.units == "evals" else "epoch"
+            raise _Stop(STATUS_BUDGET, f"{what} budget of {self.budget:g} exhausted")
         if self.time_limit is not None and self.elapsed() > self.time_limit:
             raise _Stop(STATUS_TIME, f"time limit of {self.time_limit:g} s reached")
         self.evaluations += cost
+        self.epochs += passes
 
     def record(self, loss):
-        self.trace.append((self.evaluations, self.elapsed(), float(loss)))
+        self.trace.append((self.evaluations, self.elapsed(), float(loss), self.epochs))
 
 
-def _limits(budget, time_limit):
+def _limits(budget, time_limit, units="evals"):
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
     if budget is not None:
         budget = ck.real("budget", budget)
         if not budget > 0 or not math.isfinite(budget):
@@ -141,15 +170,21 @@ def _limits(budget, time_limit):
 
 def _finish(problem, x, meter, seconds, **fields):
     f, g = problem.fun_and_grad(x)
-    trace = np.array(meter.trace, dtype=np.float64).reshape(-1, 3)
+    trace = np.array(meter.trace, dtype=np.float64).reshape(-1, 4)
+    val = None
+    if getattr(problem, "n_val", 0):
+        val = problem.validation(x) if np.all(np.isfinite(x)) else (math.nan, math.nan)
     return Result(
         x=x, fun=float(f), grad_norm=float(np.linalg.norm(g)), nit=meter.nit, nhev=meter.nhev,
-        evaluations=float(meter.evaluations), seconds=float(seconds), problem=problem.name,
-        accuracy=problem.accuracy(x), trace=trace, **fields,
+        evaluations=float(meter.evaluations), epochs=float(meter.epochs), seconds=float(seconds),
+        problem=problem.name, accuracy=problem.accuracy(x), trace=trace,
+        val_loss=None if val is None else val[0], val_accuracy=None if val is None else val[1],
+        **fields,
     )
 
 
-def minimize(problem, method, *, maxiter=None, budget=None, time_limit=None, tol=None):
+def minimize(problem, method, *, maxiter=None, budget=None, time_limit=None, tol=None,
+             units="evals"):
     r"""Minimize a problem with ``scipy.optimize.minimize``.
 
     Parameters
@@ -164,13 +199,15 @@ def minimize(problem, method, *, maxiter=None, budget=None, time_limit=None, tol
     maxiter : int, optional
         Iteration limit (SciPy's default when omitted).
     budget : float, optional
-        Limit in full-data gradient evaluations (Hessian-vector products included at their
-        cost). When reached, the run stops and returns the best point evaluated with
-        ``status = STATUS_BUDGET``.
+        Limit in ``units`` (Hessian-vector products included at their cost). When reached,
+        the run stops and returns the best point evaluated with ``status = STATUS_BUDGET``.
     time_limit : float, optional
         Limit in seconds of wall time (checked before each evaluation).
     tol : float, optional
         SciPy's ``tol`` (method-specific gradient/step tolerance).
+    units : {"evals", "epochs"}, default "evals"
+        Unit of ``budget``: full-data gradient evaluations or passes over the data (see the
+        module notes).
 
     Returns
     -------
@@ -196,7 +233,7 @@ def minimize(problem, method, *, maxiter=None, budget=None, time_limit=None, tol
     key = method.lower()
     if key not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    budget, time_limit = _limits(budget, time_limit)
+    budget, time_limit = _limits(budget, time_limit, units)
     options = {}
     if maxiter is not None:
         options["maxiter"] = ck.positive_int("maxiter", maxiter)
@@ -205,11 +242,11 @@ def minimize(problem, method, *, maxiter=None, budget=None, time_limit=None, tol
         if not tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}")
 
-    meter = _Meter(budget, time_limit)
+    meter = _Meter(budget, time_limit, units)
     best = {"f": math.inf, "x": problem.x0.copy()}
 
     def fun(x):
-        meter.charge(1)
+        meter.charge(1, 1.0)
         meter.nfev += 1
         f, g = problem.fun_and_grad(x)
         meter.record(f)
@@ -218,7 +255,7 @@ def minimize(problem, method, *, maxiter=None, budget=None, time_limit=None, tol
         return f, g
 
     def hessp(x, v):
-        meter.charge(problem.hessp_cost)
+        meter.charge(problem.hessp_cost, HESSP_PASSES)
         meter.nhev += 1
         return problem.hessp(x, v)
 
@@ -237,14 +274,41 @@ def minimize(problem, method, *, maxiter=None, budget=None, time_limit=None, tol
         x, success, status, message = best["x"], False, stop.status, stop.message
     if meter.trace and meter.evaluations > meter.trace[-1][0]:
         # Hessian-vector products after the last evaluation: extend the trace to the cost spent
-        meter.trace.append((meter.evaluations, seconds, min(best["f"], meter.trace[-1][2])))
+        meter.trace.append((meter.evaluations, seconds, min(best["f"], meter.trace[-1][2]),
+                            meter.epochs))
     return _finish(problem, np.asarray(x, dtype=np.float64), meter, seconds, method=key,
                    nfev=meter.nfev, njev=meter.nfev, success=success, status=status,
                    message=message)
 
 
+def planned_steps(budget, n_samples, batch_size, units="evals"):
+    r"""The number of steps of :func:`train` that ``budget`` pays for: ``budget`` divided by
+    a step's cost under ``units="evals"``; under ``"epochs"`` the whole epochs' steps
+    (:math:`\lceil m / b \rceil` each) plus the steps of the last, partial epoch, whose
+    batches are all full but its smaller last one.
+
+    Parameters
+    ----------
+    budget : float
+    n_samples : int or None
+        Samples :math:`m` (``None``: no data, every step costs 1).
+    batch_size : int or None
+        :math:`b` (``None``: full batch).
+    units : {"evals", "epochs"}
+    """
+    if n_samples is None or batch_size is None or batch_size >= n_samples:
+        return math.floor(budget + 1e-9)
+    if units == "evals":
+        return math.floor(budget * n_samples / batch_size + 1e-9)
+    whole = math.floor(budget + 1e-12)
+    per_epoch = -(-n_samples // batch_size)
+    rest = math.floor((budget - whole) * n_samples / batch_size + 1e-9)
+    return whole * per_epoch + min(rest, per_epoch - 1)
+
+
 def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch_size=None,
-          seed=0, schedule=None, clip=None, trace_points=100, name=None, **hyper):
+          seed=0, schedule=None, clip=None, trace_points=100, name=None, units="evals",
+          **hyper):
     r"""Train a problem with one of optcore's first-order optimizers on its float32 path.
 
     Each step: :meth:`Problem.loss_and_grad_` writes the (minibatch) gradient into the
@@ -262,8 +326,9 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
         Number of steps. At least one of ``steps``, ``budget``, ``time_limit`` is required;
         the first limit reached stops the run.
     budget : float, optional
-        Limit in full-data gradient evaluations (a step on a batch of ``b`` of ``m`` samples
-        costs ``b / m``).
+        Limit in ``units``: full-data gradient evaluations (a step on a batch of ``b`` of
+        ``m`` samples costs ``b / m``) or passes over the data (a step costs its batch's
+        share of the samples).
     time_limit : float, optional
         Limit in seconds.
     batch_size : int, optional
@@ -280,6 +345,8 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
         About how many full-data loss checkpoints to record (clock stopped while recording).
     name : str, optional
         ``Result.method``; default the optimizer's class name in lower case.
+    units : {"evals", "epochs"}, default "evals"
+        Unit of ``budget`` (see the module notes).
     **hyper
         Hyper-parameters for the optimizer class (e.g. ``lr=1e-3``).
 
@@ -320,20 +387,20 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
         raise TypeError(f"optimizer must be an optcore Optimizer class or instance, got {optimizer!r}")
     if steps is not None:
         steps = ck.positive_int("steps", steps)
-    budget, time_limit = _limits(budget, time_limit)
+    budget, time_limit = _limits(budget, time_limit, units)
     if steps is None and budget is None and time_limit is None:
         raise ValueError("give steps, budget or time_limit")
     if schedule is not None and not callable(schedule):
         raise TypeError("schedule must be callable: schedule(t) -> lr")
     trace_points = ck.positive_int("trace_points", trace_points)
     batches = problem.batches(batch_size, seed)
-    cost = 1.0 if problem.n_samples is None or batch_size is None else min(
-        1.0, batch_size / problem.n_samples)
-    planned = [s for s in (steps, None if budget is None else math.floor(budget / cost + 1e-9))
-               if s is not None]
+    m = problem.n_samples
+    cost = 1.0 if m is None or batch_size is None else min(1.0, batch_size / m)
+    planned = [s for s in (steps, None if budget is None else planned_steps(
+        budget, m, batch_size, units)) if s is not None]
     every = max(1, min(planned) // trace_points) if planned else 10
 
-    meter = _Meter(budget, time_limit)
+    meter = _Meter(budget, time_limit, units)
 
     def checkpoint():
         t = time.perf_counter()
@@ -345,12 +412,13 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
     status, message, success = 0, None, True
     checkpoint()
     while steps is None or meter.nit < steps:
+        batch = next(batches)
         try:
-            meter.charge(cost)
+            meter.charge(cost, 1.0 if batch is None else batch.size / m)
         except _Stop as stop:
             status, message = stop.status, stop.message
             break
-        loss = problem.loss_and_grad_(params, next(batches))
+        loss = problem.loss_and_grad_(params, batch)
         meter.nfev += 1
         if not math.isfinite(loss):
             status, success = STATUS_DIVERGED, False
@@ -369,5 +437,80 @@ def train(problem, optimizer, steps=None, *, budget=None, time_limit=None, batch
     if not np.all(np.isfinite(x)):
         status, success, message = STATUS_DIVERGED, False, "parameters became non-finite"
     return _finish(problem, x, meter, seconds, method=name or type(opt).__name__.lower(),
+                   nfev=meter.nfev, njev=meter.nfev, success=success, status=status,
+                   message=message)
+
+
+def quasi_newton(problem, optimizer, *, budget=None, time_limit=None, units="evals", name=None,
+                 **hyper):
+    r"""Minimize a problem with a full-batch optimizer driven by ``step(closure)``
+    (:class:`optcore.BFGS`, :class:`optcore.LBFGS`) on its float32 path.
+
+    The closure evaluates the loss and the full-data gradient (written into the arena in
+    place by :meth:`Problem.loss_and_grad_`); every call is charged one evaluation and one
+    pass over the data, and the budget or the time limit stop the run from inside it, at
+    which point the best point evaluated is returned, as :func:`minimize` does.
+
+    Parameters
+    ----------
+    problem : optcore.problems.Problem
+    optimizer : type
+        A class built as ``optimizer(problem.parameters(), **hyper)`` whose
+        ``step(closure)`` minimizes until its own stopping rules hold and counts its
+        iterations in ``iterations``.
+    budget : float, optional
+        Limit in ``units``.
+    time_limit : float, optional
+        Limit in seconds (checked before each evaluation).
+    units : {"evals", "epochs"}, default "evals"
+    name : str, optional
+        ``Result.method``; default the optimizer's ``method`` attribute.
+    **hyper
+        Options of the optimizer (``gtol``, ``m``, ...).
+
+    Returns
+    -------
+    Result
+        ``status`` the optimizer's (0 converged), or :data:`STATUS_BUDGET` /
+        :data:`STATUS_TIME`; ``nit`` the iterations completed.
+
+    Examples
+    --------
+    >>> import optcore
+    >>> from optcore.problems import Quadratic
+    >>> from optcore.baselines import quasi_newton
+    >>> r = quasi_newton(Quadratic(10, cond=10.0), optcore.LBFGS, budget=100)
+    >>> r.fun < 1e-9, r.method
+    (True, 'optcore-lbfgs')
+    """
+    if not isinstance(problem, Problem):
+        raise TypeError(f"problem must be an optcore.problems.Problem, got {type(problem).__name__}")
+    if not (isinstance(optimizer, type) and callable(getattr(optimizer, "step", None))):
+        raise TypeError(f"optimizer must be a class with step(closure), got {optimizer!r}")
+    budget, time_limit = _limits(budget, time_limit, units)
+    params = problem.parameters()
+    opt = optimizer(params, **hyper)
+    meter = _Meter(budget, time_limit, units)
+    best = {"f": math.inf, "x": problem.x0.copy()}
+
+    def closure():
+        meter.charge(1, 1.0)
+        meter.nfev += 1
+        f = problem.loss_and_grad_(params)
+        meter.record(f)
+        if f < best["f"]:
+            best["f"], best["x"] = f, problem.x_of(params)
+        return f
+
+    try:
+        res = opt.step(closure)
+        seconds = meter.elapsed()
+        x, success, status, message = (problem.x_of(params), bool(res.success),
+                                       int(res.status), str(res.message))
+    except _Stop as stop:
+        seconds = meter.elapsed()
+        x, success, status, message = best["x"], False, stop.status, stop.message
+    meter.nit = int(opt.iterations)
+    return _finish(problem, x, meter, seconds, method=name or optimizer.method,
                    nfev=meter.nfev, njev=meter.nfev, success=success, status=status,
                    message=message)

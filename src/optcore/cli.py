@@ -116,12 +116,17 @@ def _compare(args):
         if "X" not in arrays or "y" not in arrays:
             raise ValueError(f"--data {args.data}: the .npz file must hold arrays 'X' and 'y'")
         X, y = arrays["X"], arrays["y"]
+    if args.scale:
+        return _compare_scale(args)
+    if args.memory_limit is not None:
+        raise ValueError("--memory-limit goes with --scale")
     try:
         results = compare.run(
             None if args.problems is None else _names(args.problems),
             None if args.methods is None else _names(args.methods),
             budget=args.budget, time_limit=args.time_limit, seed=args.seed,
             threads=args.threads, quick=args.quick, X=X, y=y, progress=sys.stderr,
+            regime=args.regime,
         )
         print(compare.format_table(results))
         settings = {k: v for k, v in vars(args).items() if k != "func"}
@@ -130,6 +135,36 @@ def _compare(args):
         print(f"optcore: error: {exc}", file=sys.stderr)
         return 2
     print(f"\nplots, records (JSON) and table written to {args.out}/")
+    return 0
+
+
+def _compare_scale(args):
+    from optcore import scale_study
+
+    given = [o for o, v in (("--problems", args.problems), ("--budget", args.budget),
+                            ("--data", args.data)) if v is not None]
+    if args.regime != "evals":
+        given.append("--regime")
+    if given:
+        raise ValueError(f"--scale takes no {', '.join(given)}: it runs the MLP on the digits "
+                         "under equal wall time")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out}: exists and is not a directory")
+    memory = None if args.memory_limit is None else args.memory_limit * 2**20
+    try:
+        records = scale_study.run(
+            None if args.methods is None else _names(args.methods), time_limit=args.time_limit,
+            memory_limit=memory, seed=args.seed, threads=args.threads, quick=args.quick,
+            progress=sys.stderr)
+        print(scale_study.format_table(records))
+        settings = {k: v for k, v in vars(args).items() if k != "func"}
+        limit = args.time_limit or (scale_study.QUICK_TIME_LIMIT if args.quick
+                                    else scale_study.TIME_LIMIT)
+        scale_study.write(records, args.out, settings=settings, time_limit=limit)
+    except (ImportError, OSError) as exc:
+        print(f"optcore: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"\nplot, records (JSON) and table of the scaling study written to {args.out}/")
     return 0
 
 
@@ -146,9 +181,14 @@ def _add_compare(sub):
     p.add_argument("--methods", nargs="+", metavar="NAME",
                    help="sgd adagrad rmsprop adam adamw adamax nadam, each also with '+clip'; "
                    "newton-cg bfgs cg l-bfgs-b trust-ncg (default: all)")
+    p.add_argument("--regime", choices=("evals", "epochs", "time"), default="evals",
+                   help="what every method gets the same amount of: full-data gradient "
+                   "evaluations (default), passes over the training data, or wall time")
     p.add_argument("--budget", type=float,
-                   help="full-data gradient evaluations per run (default: per problem)")
-    p.add_argument("--time-limit", type=float, help="seconds per run (default 10; quick 1)")
+                   help="gradient evaluations (--regime epochs: passes over the data) per run "
+                   "(default: per problem)")
+    p.add_argument("--time-limit", type=float,
+                   help="seconds per run (default 10, quick 1; --regime time: 0.5, quick 0.05)")
     p.add_argument("--threads", type=int, default=1, help="threads for optcore and BLAS (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--data", metavar="FILE.npz",
@@ -156,6 +196,12 @@ def _add_compare(sub):
     p.add_argument("--out", default="optcore-compare", metavar="DIR",
                    help="directory for the plots, JSON records and table (default optcore-compare)")
     p.add_argument("--quick", action="store_true", help="tiny budget: a smoke test of seconds")
+    p.add_argument("--scale", action="store_true",
+                   help="scaling study: the MLP from about 1e3 to 1e6 parameters, every method "
+                   "for the same time (3 s; --quick: 2 widths, 0.2 s); time and memory per "
+                   "iteration and held-out loss, skipped methods with the reason")
+    p.add_argument("--memory-limit", type=float, metavar="MIB",
+                   help="--scale: memory a method may use, MiB (default 2048; quick 64)")
     p.set_defaults(func=_compare)
 
 

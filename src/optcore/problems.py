@@ -17,7 +17,9 @@ order (each raveled in C order); :meth:`Problem.x_of` and :meth:`Problem.set_x` 
 Built in: :class:`Rosenbrock`, :class:`Quadratic` (the ill-conditioned "long valley"),
 :class:`LogisticRegression`, :class:`SoftmaxRegression` and :class:`MLP` (one hidden layer with
 batch normalization, non-convex). The data problems default to scikit-learn's bundled
-handwritten digits (:func:`load_digits`, no download).
+handwritten digits (:func:`load_digits`, no download); with ``holdout=`` they keep a stratified
+fraction of the samples out of the objective (:func:`stratified_split`) and report the loss and
+accuracy on it (:meth:`Problem.validation`).
 """
 import numpy as np
 from scipy.special import expit, log_expit
@@ -33,6 +35,7 @@ __all__ = [
     "SoftmaxRegression",
     "MLP",
     "load_digits",
+    "stratified_split",
     "check_data",
     "make_problem",
     "PROBLEMS",
@@ -134,6 +137,11 @@ class Problem:
     def accuracy(self, x):
         """Fraction of samples classified correctly at ``x``, or ``None`` when the problem is
         not a classifier."""
+        return None
+
+    def validation(self, x):
+        """``(loss, accuracy)`` at ``x`` on the held-out samples, or ``None`` when the problem
+        has none (see the ``holdout`` parameter of the data problems)."""
         return None
 
     @property
@@ -377,6 +385,51 @@ def load_digits():
     return d.data.astype(np.float64), d.target.astype(np.int64)
 
 
+def stratified_split(y, fraction=0.2, seed=0):
+    r"""Indices of a stratified, seeded split of the samples into training and held-out sets.
+
+    Each class :math:`c` with :math:`m_c` samples contributes
+    :math:`\operatorname{round}(\text{fraction} \cdot m_c)` of them (round half to even), drawn
+    without replacement by ``numpy.random.default_rng(seed)``, to the held-out set; the rest
+    are the training set. Both index arrays are sorted, so the samples keep their order. The
+    same ``y``, ``fraction`` and ``seed`` give the same split (NumPy's ``Generator`` streams
+    are stable across versions for a given bit generator, PCG64).
+
+    Parameters
+    ----------
+    y : array_like of int, shape (m,)
+        Class labels.
+    fraction : float, default 0.2
+        Share of each class held out, in ``(0, 1)``.
+    seed : int, default 0
+
+    Returns
+    -------
+    train, held_out : ndarray of int64
+        Disjoint sorted indices that together cover ``0 .. m-1``.
+
+    Raises
+    ------
+    ValueError
+        ``fraction`` outside ``(0, 1)``, a negative seed, ``y`` not 1-D.
+    """
+    fraction = ck.real("fraction", fraction)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D, got shape {y.shape}")
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(y == c))[: int(round(fraction * np.sum(y == c)))]
+            for c in np.unique(y)]
+    held = np.sort(np.concatenate(held)).astype(np.int64)
+    mask = np.ones(y.size, dtype=bool)
+    mask[held] = False
+    return np.flatnonzero(mask).astype(np.int64), held
+
+
 def check_data(X, y, *, n_classes=None):
     """Validate a data set: ``X`` a finite 2-D numeric array, ``y`` integer labels.
 
@@ -437,32 +490,47 @@ def check_data(X, y, *, n_classes=None):
     return X, y, k
 
 
-def _standardize(X):
+def _standardizer(X):
+    """Per-feature mean and standard deviation of ``X`` (1 for constant features)."""
     mu = X.mean(axis=0)
     sd = X.std(axis=0)
     sd[sd == 0] = 1.0
-    return (X - mu) / sd
+    return mu, sd
 
 
 class _DataProblem(Problem):
-    """Shared data handling: validation, standardization, float32 copies, one-hot labels."""
+    """Shared data handling: validation, the held-out split, standardization, float32 copies,
+    one-hot labels."""
 
     takes_data = True
     binary = False
 
-    def __init__(self, X, y, alpha, standardize, shapes_fn, x0_fn):
+    def __init__(self, X, y, alpha, standardize, shapes_fn, x0_fn, holdout=None, split_seed=0):
         if (X is None) != (y is None):
             raise ValueError("pass both X and y, or neither (the digits data set)")
-        if X is None:
+        digits = X is None
+        if digits:
             X, y = load_digits()
-            if self.binary:
-                y = y % 2  # odd vs even digits
+        X, y, k = check_data(X, y, n_classes=None if digits else (2 if self.binary else None))
+        self.X_val = self.y_val = None
+        if holdout is not None:
+            # stratified on the labels as given (the ten digits for the default data)
+            train, held = stratified_split(y, holdout, split_seed)
+            X, y, self.X_val, self.y_val = X[train], y[train], X[held], y[held]
+        if digits and self.binary:
+            y = y % 2  # odd vs even digits
+            self.y_val = None if self.y_val is None else self.y_val % 2
         X, y, k = check_data(X, y, n_classes=2 if self.binary else None)
+        if self.y_val is not None and self.y_val.max() >= k:
+            raise ValueError(f"the held-out samples have label {self.y_val.max()}, which "
+                             f"the {y.size} training samples lack")
         self.alpha = ck.real("alpha", alpha)
         if not np.isfinite(self.alpha) or self.alpha < 0:
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
         if standardize:
-            X = _standardize(X)
+            mu, sd = _standardizer(X)  # training statistics, applied to the held-out samples
+            X = (X - mu) / sd
+            self.X_val = None if self.X_val is None else (self.X_val - mu) / sd
         self.X, self.y, self.n_classes = X, y, k
         self.n_samples, self.n_features = X.shape
         self.X32 = X.astype(np.float32)
@@ -489,6 +557,26 @@ class _DataProblem(Problem):
         if batch is None:
             return self.X32, self.Y32
         return self.X32[batch], self.Y32[batch]
+
+    @property
+    def n_val(self):
+        """Number of held-out samples (0 without ``holdout``)."""
+        return 0 if self.y_val is None else int(self.y_val.size)
+
+    def validation(self, x):
+        r"""``(loss, accuracy)`` at ``x`` on the held-out samples (``None`` without them): the
+        mean cross-entropy of the model's predictions, without the L2 term (it is a property
+        of the weights, not of the data), and the fraction classified correctly. The held-out
+        samples are standardized with the training set's statistics."""
+        if self.y_val is None:
+            return None
+        Z = self._logits(self._vector("x", x), self.X_val)
+        if Z.ndim == 1:  # binary: z is the log-odds of class 1
+            y = self.y_val == 1
+            return float(np.mean(-log_expit(np.where(y, Z, -Z)))), float(np.mean((Z > 0) == y))
+        lse = _logsumexp_rows(Z)[:, 0]
+        loss = np.mean(lse - Z[np.arange(Z.shape[0]), self.y_val])
+        return float(loss), float(np.mean(np.argmax(Z, axis=1) == self.y_val))
 
 
 def _logsumexp_rows(Z):
@@ -524,16 +612,24 @@ class LogisticRegression(_DataProblem):
     alpha : float, default 1e-3
         L2 penalty on the weights.
     standardize : bool, default True
-        Scale each feature to zero mean and unit variance (constant features left at 0).
+        Scale each feature to zero mean and unit variance (constant features left at 0;
+        the statistics of the training samples).
+    holdout : float, optional
+        Fraction of each class kept out of the objective as a held-out set
+        (:func:`stratified_split`, stratified on the labels given, the ten digits for the
+        default data); :meth:`validation` scores it. Default: none, all samples train.
+    split_seed : int, default 0
+        Seed of the split.
     """
 
     name = "logistic"
     binary = True
 
-    def __init__(self, X=None, y=None, *, alpha=1e-3, standardize=True):
+    def __init__(self, X=None, y=None, *, alpha=1e-3, standardize=True, holdout=None,
+                 split_seed=0):
         super().__init__(X, y, alpha, standardize,
                          lambda d, k: {"w": (d,), "b": (1,)},
-                         lambda d, k: np.zeros(d + 1))
+                         lambda d, k: np.zeros(d + 1), holdout, split_seed)
         self.yf = self.y.astype(np.float64)
         self.yf32 = self.yf.astype(np.float32)
 
@@ -569,9 +665,11 @@ class LogisticRegression(_DataProblem):
         g["b"][0] = r.sum()
         return loss
 
+    def _logits(self, x, X):
+        return X @ x[:-1] + x[-1]
+
     def accuracy(self, x):
-        x = self._vector("x", x)
-        return float(np.mean(((self.X @ x[:-1] + x[-1]) > 0) == (self.y == 1)))
+        return float(np.mean((self._logits(self._vector("x", x), self.X) > 0) == (self.y == 1)))
 
 
 class SoftmaxRegression(_DataProblem):
@@ -592,14 +690,21 @@ class SoftmaxRegression(_DataProblem):
         Data (labels 0..k-1). Default: the digits data set (10 classes).
     alpha : float, default 1e-3
     standardize : bool, default True
+    holdout : float, optional
+        Fraction of each class kept out of the objective as a held-out set
+        (:func:`stratified_split`, stratified on the labels given, the ten digits for the
+        default data); :meth:`validation` scores it. Default: none, all samples train.
+    split_seed : int, default 0
+        Seed of the split.
     """
 
     name = "softmax"
 
-    def __init__(self, X=None, y=None, *, alpha=1e-3, standardize=True):
+    def __init__(self, X=None, y=None, *, alpha=1e-3, standardize=True, holdout=None,
+                 split_seed=0):
         super().__init__(X, y, alpha, standardize,
                          lambda d, k: {"W": (d, k), "b": (k,)},
-                         lambda d, k: np.zeros(d * k + k))
+                         lambda d, k: np.zeros(d * k + k), holdout, split_seed)
 
     def _unpack(self, x):
         d, k = self.n_features, self.n_classes
@@ -632,9 +737,13 @@ class SoftmaxRegression(_DataProblem):
         np.sum(dZ, axis=0, out=g["b"])
         return loss + 0.5 * a * np.dot(W.ravel(), W.ravel())
 
+    def _logits(self, x, X):
+        W, b = self._unpack(x)
+        return X @ W + b
+
     def accuracy(self, x):
-        W, b = self._unpack(self._vector("x", x))
-        return float(np.mean(np.argmax(self.X @ W + b, axis=1) == self.y))
+        return float(np.mean(np.argmax(self._logits(self._vector("x", x), self.X), axis=1)
+                             == self.y))
 
 
 class MLP(_DataProblem):
@@ -672,6 +781,12 @@ class MLP(_DataProblem):
     seed : int, default 0
         Seed of the initialization: Glorot-uniform weights (Glorot & Bengio 2010),
         :math:`\gamma = 1`, :math:`\beta = b_2 = 0`.
+    holdout : float, optional
+        Fraction of each class kept out of the objective as a held-out set
+        (:func:`stratified_split`, stratified on the labels given, the ten digits for the
+        default data); :meth:`validation` scores it. Default: none, all samples train.
+    split_seed : int, default 0
+        Seed of the split.
     """
 
     name = "mlp"
@@ -680,7 +795,8 @@ class MLP(_DataProblem):
     hessp_cost = 2
     eps = 1e-5
 
-    def __init__(self, X=None, y=None, *, hidden=16, alpha=1e-4, standardize=True, seed=0):
+    def __init__(self, X=None, y=None, *, hidden=16, alpha=1e-4, standardize=True, seed=0,
+                 holdout=None, split_seed=0):
         self.hidden = ck.positive_int("hidden", hidden)
         rng = np.random.default_rng(seed)
 
@@ -695,7 +811,7 @@ class MLP(_DataProblem):
             return np.concatenate([rng.uniform(-l1, l1, d * h), np.ones(h), np.zeros(h),
                                    rng.uniform(-l2, l2, h * k), np.zeros(k)])
 
-        super().__init__(X, y, alpha, standardize, shapes, x0)
+        super().__init__(X, y, alpha, standardize, shapes, x0, holdout, split_seed)
 
     def _forward64(self, x):
         p = self._split(x)
@@ -743,6 +859,17 @@ class MLP(_DataProblem):
         g["W1"] += a * p["W1"]
         w1, w2 = p["W1"].ravel(), p["W2"].ravel()
         return loss + 0.5 * a * (np.dot(w1, w1) + np.dot(w2, w2))
+
+    def _logits(self, x, X):
+        """Logits of the samples ``X`` with batch norm in inference form: normalized by the
+        mean and variance of the training set's hidden units at ``x`` (the population
+        statistics, what the running averages estimate)."""
+        p = self._split(x)
+        H = self.X @ p["W1"]
+        mean = H.mean(axis=0)
+        invstd = 1.0 / np.sqrt(H.var(axis=0) + self.eps)
+        A = np.tanh(p["gamma"] * ((X @ p["W1"] - mean) * invstd) + p["beta"])
+        return A @ p["W2"] + p["b2"]
 
     def accuracy(self, x):
         Z = self._forward64(self._vector("x", x))[4]
