@@ -53,3 +53,29 @@ def test_zero_consolidated_state_is_the_single_process_state(results, case):
         assert sorted(zero[i]) == sorted(single[i])
         for key, value in single[i].items():
             assert torch.equal(torch.as_tensor(zero[i][key]), torch.as_tensor(value)), (i, key)
+
+
+@pytest.mark.parametrize("options", [
+    {"clip": "GlobalNorm"}, {"nonfinite": "skip"},
+])
+def test_zero_refuses_decisions_over_all_parameters(tmp_path, options):
+    """Per-tensor policies are exact on a shard; a global norm or a skip decision is not, so
+    optcore refuses them when ZeroRedundancyOptimizer builds the optimizer."""
+    import optcore.clip
+    import optcore.torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if "clip" in options:
+        options = {"clip": optcore.clip.GlobalNorm(1.0)}
+    net = torch.nn.Linear(4, 3)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous",
+                                         rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="ZeroRedundancyOptimizer"):
+            ZeroRedundancyOptimizer(net.parameters(), optimizer_class=optcore.torch.Adam,
+                                    lr=1e-3, **options)
+        ZeroRedundancyOptimizer(net.parameters(), optimizer_class=optcore.torch.Adam, lr=1e-3,
+                                clip=optcore.clip.PerTensorNorm(1.0))
+        optcore.torch.Adam(net.parameters(), lr=1e-3, **options)  # not sharded: fine
+    finally:
+        torch.distributed.destroy_process_group()

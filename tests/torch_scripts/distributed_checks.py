@@ -41,8 +41,9 @@ CASES = ([f"ddp-{n}" for n in OPTIMIZERS] + [f"zero-{n}" for n in OPTIMIZERS]
 # ``reload`` cases save the optimizer state half-way (ZeRO: consolidated on rank 0 and sent to
 # every rank), build a new optimizer, load the state into it and train on.
 # Not a case: ZeRO with a fused ``clip=GlobalNorm``. Each rank's optimizer sees only its shard,
-# so it would clip by the shard's norm; docs/torch.rst says to call clip_grad_norm_ on the
-# whole model before ZeRO's step instead (the ``zero-clip-Adam`` case).
+# so it would clip by the shard's norm: the optimizer refuses it (tested in
+# test_torch_distributed.py); clip_grad_norm_ on the whole model before ZeRO's step is the
+# exact way (the ``zero-clip-Adam`` case).
 
 
 def model():

@@ -40,6 +40,7 @@ assign the whole dict instead. Per-parameter ``step`` (and NAdam's ``mu_product`
 are 0-d views of one float32 buffer per group, so that one write per step updates them all.
 """
 import operator
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -89,6 +90,38 @@ class _State(defaultdict):
     del _changed
 
 
+def _built_by_zero_redundancy_optimizer():
+    """Whether the caller (a few frames up) is a ``ZeroRedundancyOptimizer`` building its
+    local optimizer over one rank's shard of the parameters."""
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:  # torch built without distributed support
+        return False
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), ZeroRedundancyOptimizer):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _refuse_sharded_global_decisions(clip, nonfinite):
+    """Under ZeroRedundancyOptimizer each rank's optimizer holds a shard of the parameters,
+    so a decision over all tensors (the global norm, skipping a step with a non-finite
+    gradient) would be taken per shard and differ between ranks: refuse it rather than
+    compute something else silently."""
+    global_decision = isinstance(clip, _clip.GlobalNorm) or nonfinite == "skip"
+    if global_decision and _built_by_zero_redundancy_optimizer():
+        raise ValueError(
+            "clip=GlobalNorm and nonfinite='skip' decide over all parameters, but under "
+            "ZeroRedundancyOptimizer each rank's optimizer holds only its shard; call "
+            "optcore.torch.clip_grad_norm_(model.parameters(), max_norm) before opt.step() "
+            "instead (exact: every rank holds the whole averaged gradient)"
+        )
+
+
 class _Optimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose step is one of optcore's update rules."""
 
@@ -101,6 +134,7 @@ class _Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults, clip, nonfinite):
         self.clip, self.nonfinite, _ = _fused.options(clip, nonfinite)
+        _refuse_sharded_global_decisions(self.clip, self.nonfinite)
         self._unit_tables = isinstance(self.clip, _clip.Adaptive)
         self._plans = []
         self.last_result = None
