@@ -12,4 +12,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "(optcore is tested with torch==2.13.0, CPU build)"
     ) from exc
 
-__all__ = []
+from optcore.torch.batchnorm import (  # noqa: E402
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNormReLU1d,
+    BatchNormReLU2d,
+    convert_batchnorm,
+)
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNormReLU1d", "BatchNormReLU2d",
+           "convert_batchnorm"]
