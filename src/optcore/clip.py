@@ -454,6 +454,10 @@ class ClipPolicy:
     def _key(self):
         return tuple(getattr(self, k) for k in self.__slots__)
 
+    def __reduce__(self):
+        # immutable: pickle and deepcopy rebuild through the constructor
+        return type(self), self._key()
+
     def __setattr__(self, name, value):
         raise AttributeError(f"{type(self).__name__} is immutable")
 

@@ -4,12 +4,12 @@ Names, defaults and update rules follow ``torch.optim``. One ``step()`` is one f
 call per parameter group: every state buffer is read and written once, nothing the size of
 the parameters is allocated, and Python does work proportional to the number of groups only.
 """
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from optcore import _checks as ck
+from optcore import _fused
 from optcore import _rules
 from optcore import clip as _clip
 from optcore._kernels import _norms, _optim
@@ -21,8 +21,6 @@ __all__ = ["Optimizer", "StepResult", "SGD", "AdaGrad", "RMSProp", "Adam", "Adam
 
 # Hyper-parameters that decide which state buffers exist; fixed after construction.
 _STRUCTURAL = ("momentum", "centered", "amsgrad")
-
-_NONFINITE = ("propagate", "skip", "raise")
 
 
 @dataclass(frozen=True)
@@ -107,17 +105,8 @@ class _Group:
         self.unit_tensor = np.repeat(np.arange(len(self.params), dtype=np.int64), counts)
 
     def sums(self, acc_slot):
-        """Norm pass over the gradient (+ accumulator): per-tensor sums of squares and max-abs,
-        and per-unit sums of squares when the group has a unit table."""
-        if self.units is None:
-            tsq, tmax = _norms.sumsq(self.table, 1, acc_slot)
-            return tsq, tmax, None
-        usq, umax = _norms.sumsq(self.units, 1, acc_slot)
-        n = len(self.params)
-        tsq = np.bincount(self.unit_tensor, weights=usq, minlength=n).astype(np.float64)
-        tmax = np.zeros(n)
-        np.maximum.at(tmax, self.unit_tensor, umax)
-        return tsq, tmax, usq
+        """Norm pass over the gradient (+ accumulator), see :func:`optcore._fused.sums`."""
+        return _fused.sums(self.table, self.units, self.unit_tensor, acc_slot)
 
 
 def _unit_rows(a):
@@ -125,26 +114,6 @@ def _unit_rows(a):
     if a.ndim >= 2:
         return list(a.reshape(a.shape[0], -1))
     return [a.reshape(-1)]
-
-
-def _fused_options(clip, nonfinite, accumulate):
-    """Check ``clip``, ``nonfinite`` and ``accumulate`` together, at construction."""
-    if isinstance(clip, (list, tuple)):
-        raise ValueError(
-            f"clip takes one policy, got {len(clip)}: combining clipping policies is ambiguous "
-            "(which one first?); clip by one, or clip explicitly with optcore.clip"
-        )
-    if clip is not None and not isinstance(clip, _clip.ClipPolicy):
-        raise TypeError(
-            "clip must be None or an optcore.clip policy (GlobalNorm, PerTensorNorm, Value, "
-            f"Adaptive), got {type(clip).__name__}"
-        )
-    if not isinstance(nonfinite, str):
-        raise TypeError(f"nonfinite must be a str, got {type(nonfinite).__name__}")
-    if nonfinite not in _NONFINITE:
-        raise ValueError(f"nonfinite must be one of {_NONFINITE}, got {nonfinite!r}")
-    accumulate = ck.positive_int("accumulate", accumulate)
-    return clip, nonfinite, accumulate
 
 
 def _scaler_arg(scaler):
@@ -257,7 +226,7 @@ class Optimizer:
         unknown = set(hyper) - set(self.rule.defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected hyper-parameters {sorted(unknown)}")
-        self.clip, self.nonfinite, self.accumulate = _fused_options(clip, nonfinite, accumulate)
+        self.clip, self.nonfinite, self.accumulate = _fused.options(clip, nonfinite, accumulate)
         self.skipped_steps = 0
         self._micro = 0
         self.defaults = dict(self.rule.defaults, **hyper)
@@ -435,42 +404,20 @@ class Optimizer:
             return StepResult(None, 1.0, False, loss_scale, False)
         acc_slot = 2 if k > 1 else -1
         mult = 1.0 / k if scaler is None else 1.0 / (k * loss_scale)
-        clip = self.clip
-        norm_type = getattr(clip, "norm_type", 2.0)
-        grad_norm = None
-        if scaler is not None or self.nonfinite != "propagate" or isinstance(
-            clip, (_clip.GlobalNorm, _clip.PerTensorNorm, _clip.Adaptive)
-        ):
-            sums = [g.sums(acc_slot) for g in self._groups]
-            tsq = np.concatenate([s[0] for s in sums])
-            tmax = np.concatenate([s[1] for s in sums])
-            if not math.isfinite(float(np.sum(tsq))):
-                if scaler is not None or self.nonfinite == "skip":
-                    self.skipped_steps += 1
-                    self._micro = 0
-                    if scaler is not None:
-                        scaler.update(True)
-                    return StepResult(None, 1.0, True, loss_scale, False)
-                if self.nonfinite == "raise":
-                    self._raise_nonfinite(tsq)
-            grad_norm = _clip.combine(tsq, tmax, norm_type) * mult
-        clip_factor = 1.0
-        scale, tensor_scale, clamp = mult, [None] * len(self._groups), math.inf
-        if isinstance(clip, _clip.GlobalNorm):
-            clip_factor = _clip.factor(grad_norm, clip.max_norm)
-            scale = mult * clip_factor
-        elif isinstance(clip, _clip.PerTensorNorm):
-            tensor_scale, clip_factor = self._per_tensor_factors(sums, mult, clip)
-        elif isinstance(clip, _clip.Value):
-            clamp = clip.limit
-        elif isinstance(clip, _clip.Adaptive):
-            tensor_scale, clip_factor = self._unit_factors(sums, mult, clip)
-        self._update(hypers, scale, tensor_scale, clamp)
+        d = _fused.decide(self._groups, self.clip, self.nonfinite, mult, acc_slot=acc_slot,
+                          norm_pass=scaler is not None, skip=scaler is not None,
+                          name_of=self._tensor_name)
+        if d is None:
+            self.skipped_steps += 1
+            self._micro = 0
+            if scaler is not None:
+                scaler.update(True)
+            return StepResult(None, 1.0, True, loss_scale, False)
+        self._update(hypers, d.scale, d.tensor_scale, d.clamp)
         self._micro = 0
         if scaler is not None:
             scaler.update(False)
-        return StepResult(grad_norm, clip_factor, False, loss_scale, True)
-
+        return StepResult(d.grad_norm, d.clip_factor, False, loss_scale, True)
     def _update(self, hypers, scale, tensor_scale, clamp):
         """The update half of :meth:`step`: one fused kernel call per group reading the
         gradient as ``clamp(grad * scale * tensor_scale)``, then the learning rates are stored
@@ -490,38 +437,13 @@ class Optimizer:
         for h, pg in zip(hypers, self.param_groups):
             pg["lr"] = h["lr"]
 
-    def _raise_nonfinite(self, tsq):
-        i = _clip.first_nonfinite(tsq)
+    def _tensor_name(self, i):
+        """Name tensor ``i`` counted over all groups (for non-finite errors)."""
         for gi, g in enumerate(self._groups):
             if i < len(g.names):
-                raise FloatingPointError(
-                    f"gradient of param_groups[{gi}] tensor {g.names[i]!r} has a non-finite "
-                    "value (NaN or inf); nothing was changed"
-                )
+                return f"param_groups[{gi}] tensor {g.names[i]!r}"
             i -= len(g.names)
-
-    def _per_tensor_factors(self, sums, mult, clip):
-        out, smallest = [], 1.0
-        for tsq, tmax, _ in sums:
-            norms = (np.sqrt(tsq) if clip.norm_type == 2.0 else tmax) * mult
-            f = clip.max_norm / (norms + _clip.EPS)
-            f = np.where(f >= 1.0, 1.0, f)
-            if f.size:
-                smallest = min(smallest, float(np.min(f)))
-            out.append(np.ascontiguousarray(f, dtype=np.float32))
-        return out, smallest
-
-    def _unit_factors(self, sums, mult, clip):
-        """AGC factors of every unit, from the unit-wise norms of the weights (one read) and of
-        the (unscaled, averaged) gradient from the norm pass."""
-        out, smallest = [], 1.0
-        for g, (_, _, usq) in zip(self._groups, sums):
-            psq, _ = _norms.sumsq(g.units, 0)
-            f = _clip._agc_factors(np.sqrt(psq), np.sqrt(usq) * mult, clip.clipping, clip.eps)
-            if f.size:
-                smallest = min(smallest, float(np.min(f)))
-            out.append(f)
-        return out, smallest
+        raise IndexError(i)
 
     def zero_grad(self):
         """Set every gradient of every group to zero.

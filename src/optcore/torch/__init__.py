@@ -12,6 +12,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
         "(optcore is tested with torch==2.13.0, CPU build)"
     ) from exc
 
+from optcore.torch.optim import SGD, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop  # noqa: E402
 from optcore.torch.batchnorm import (  # noqa: E402
     BatchNorm1d,
     BatchNorm2d,
@@ -20,5 +21,6 @@ from optcore.torch.batchnorm import (  # noqa: E402
     convert_batchnorm,
 )
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNormReLU1d", "BatchNormReLU2d",
-           "convert_batchnorm"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
+__all__ += ["BatchNorm1d", "BatchNorm2d", "BatchNormReLU1d", "BatchNormReLU2d",
+            "convert_batchnorm"]

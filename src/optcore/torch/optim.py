@@ -1,0 +1,492 @@
+r"""Drop-in replacements of ``torch.optim.SGD, Adagrad, RMSprop, Adam, AdamW, Adamax, NAdam``.
+
+Each class is a :class:`torch.optim.Optimizer` with torch's name, constructor signature,
+defaults, ``param_groups`` and state (``opt.state[p]`` holds torch tensors under torch's
+keys, so ``state_dict()`` / ``load_state_dict()`` interchange with ``torch.optim`` in both
+directions). ``step()`` runs optcore's fused kernels on the tensors' own memory: one kernel
+call per parameter group (per distinct step count within a group, usually one), no copies.
+
+Two keyword-only arguments are added to torch's signatures:
+
+``clip``
+    An :mod:`optcore.clip` policy (``GlobalNorm``, ``PerTensorNorm``, ``Value``,
+    ``Adaptive``) applied to the gradient inside the step, without rewriting ``p.grad``;
+    ``GlobalNorm(max_norm)`` equals ``torch.nn.utils.clip_grad_norm_(params, max_norm)``
+    followed by the step (over all groups together).
+``nonfinite``
+    ``"propagate"`` (torch's behaviour), ``"skip"`` (a NaN or inf gradient skips the step:
+    nothing changes) or ``"raise"`` (FloatingPointError naming the tensor, nothing changes).
+
+After every ``step()``, ``opt.last_result`` is the :class:`~optcore.optim.StepResult` of that
+step (``grad_norm``, ``clip_factor``, ``skipped``, ``loss_scale``, ``applied``).
+
+Mixed precision: ``_step_supports_amp_scaling`` is True, so ``torch.amp.GradScaler`` hands the
+optimizer its scale and overflow flag (``grad_scale``, ``found_inf``) instead of unscaling the
+gradients itself; the step unscales on the fly and skips when ``found_inf`` is set, as torch's
+fused optimizers do.
+
+Accepted tensors: float32, CPU, dense (contiguous, channels_last or any permutation of the
+dimensions), parameters not sharing memory; a gradient must have its parameter's strides and
+be dense. Anything else raises TypeError/ValueError naming the group and parameter index
+before anything of the step is written. ``capturable=True`` and ``differentiable=True`` are
+refused; ``foreach`` and ``fused`` are accepted and ignored (optcore is always one fused
+call).
+"""
+import math
+import operator
+
+import numpy as np
+import torch
+
+from optcore import _fused, _rules
+from optcore import clip as _clip
+from optcore.optim import StepResult
+from optcore.torch import _tensors as tt
+from optcore.torch._plan import Plan, param_name
+
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
+
+_grad = operator.attrgetter("grad")
+_increment_version = torch._C._increment_version
+
+
+class _Optimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` whose step is one of optcore's update rules."""
+
+    rule = _rules.Rule
+    _step_supports_amp_scaling = True
+    # torch's per-parameter scalar state, in part-key order
+    _scalar_keys = ("step",)
+    # state buffers created on first use even when the parameter already has state
+    _lazy_state = ()
+
+    def __init__(self, params, defaults, clip, nonfinite):
+        self.clip, self.nonfinite, _ = _fused.options(clip, nonfinite)
+        self._unit_tables = isinstance(self.clip, _clip.Adaptive)
+        self._plans = []
+        self.last_result = None
+        self.skipped_steps = 0
+        self._checked_hyper(defaults, "the defaults")
+        super().__init__(params, defaults)
+
+    # -- torch.optim.Optimizer plumbing ---------------------------------------------------
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update(clip=self.clip, nonfinite=self.nonfinite, skipped_steps=self.skipped_steps,
+                     last_result=self.last_result)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in self._torch_defaults.items():
+                group.setdefault(k, v)
+        self.__dict__.setdefault("clip", None)
+        self.__dict__.setdefault("nonfinite", "propagate")
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("last_result", None)
+        self._unit_tables = isinstance(self.clip, _clip.Adaptive)
+        # new state tensors (load_state_dict): every table is rebuilt at the next step
+        self._plans = [None] * len(self.param_groups)
+
+    def add_param_group(self, param_group):
+        """Add a parameter group, as :meth:`torch.optim.Optimizer.add_param_group`; its tensors
+        are checked (float32, CPU, dense, not sharing memory with any other parameter)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "but the ordering of tensors in sets will change between runs. "
+                            "Please use a list instead.")
+        params = list(params)
+        gi = len(self.param_groups)
+        for j, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):  # torch accepts (name, tensor) pairs
+                p = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+            tt.check_tensor(param_name(gi, j), p)
+            if torch.is_complex(p):
+                raise TypeError(f"{param_name(gi, j)} is complex; optcore updates real tensors")
+        hyper = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
+        self._checked_hyper(hyper, f"param_groups[{gi}]")
+        super().add_param_group(dict(param_group, params=params))
+        names, tensors = [], []
+        for i, g in enumerate(self.param_groups):
+            for j, p in enumerate(g["params"]):
+                names.append(param_name(i, j))
+                tensors.append(p)
+        try:
+            tt.no_overlap(names, tensors)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._plans.append(None)
+        self._init_state(self.param_groups[-1])
+
+    def _init_state(self, group):
+        """State a rule creates at construction (Adagrad); none by default."""
+
+    def load_state_dict(self, state_dict):
+        """Load a state saved by ``state_dict()`` of this class or of the torch.optim class of
+        the same name (and the reverse: torch's ``load_state_dict`` takes this class's
+        state); the kernel tables are rebuilt at the next step."""
+        super().load_state_dict(state_dict)
+
+    # -- hyper-parameters -----------------------------------------------------------------
+
+    def _checked_hyper(self, group, where):
+        """The rule's hyper-parameters of ``group`` as plain floats/bools, checked."""
+        for k in ("capturable", "differentiable"):
+            if group.get(k):
+                raise ValueError(f"{where}: {k}=True is not supported by optcore (CPU kernels "
+                                 "outside autograd); use torch.optim for it")
+        h = {}
+        for k in self.rule.defaults:
+            v = group[k] if k != "l1" else 0.0
+            if k == "lr" and isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(f"{where}: a Tensor lr must have one element")
+                v = v.item()
+            elif k == "betas" and isinstance(v, (tuple, list)):
+                v = tuple(x.item() if isinstance(x, torch.Tensor) else x for x in v)
+            h[k] = v
+        try:
+            self.rule.check(h)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        return _rules.plain(h)
+
+    # -- per-rule hooks -------------------------------------------------------------------
+
+    def _keeps_state(self, state_names):
+        return True
+
+    def _new_state(self, p, group, state_names):
+        """torch's initial state of parameter ``p`` (its lazy ``len(state) == 0`` branch)."""
+        st = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        for s in state_names:
+            if s is not None:
+                st[s] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
+
+    def _part_key(self, st):
+        return (float(st["step"]),)
+
+    def _step_args(self, key):
+        """The 1-based step number and the rule's scalar state for a part with ``key``."""
+        return key[0] + 1.0, {}
+
+    def _next_key(self, key, scalars):
+        return (key[0] + 1.0,)
+
+    # -- the step -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step (``closure`` re-evaluates the model and returns the
+        loss, run with gradients enabled, as torch). Returns the closure's loss or None; the
+        :class:`~optcore.optim.StepResult` is at :attr:`last_result`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # validate everything before writing anything
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            h = self._checked_hyper(group, f"param_groups[{gi}]")
+            names = [s for s in self.rule.state_names(h)]
+            grads = list(map(_grad, group["params"]))
+            plan = self._plans[gi]
+            pending = None
+            if plan is not None:
+                pending = plan.refresh(grads) if plan.current(group, grads, names) else False
+            if plan is None or pending is False:
+                plan = Plan(self, gi, group, grads, names)
+                pending = None
+            work.append((plan, pending, h))
+        for gi, (plan, pending, _) in enumerate(work):
+            if not plan.committed:
+                plan.commit(self, self.param_groups[gi])
+                self._plans[gi] = plan
+            elif pending is not None:
+                plan.set_grads(pending)
+        loss_scale = None if grad_scale is None else float(grad_scale)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return self._skipped(loss, loss_scale)
+        parts = [part for plan, _, _ in work for part in plan.parts]
+        if not parts:
+            self.last_result = StepResult(None, 1.0, False, loss_scale, False)
+            return loss
+        mult = 1.0 if grad_scale is None else 1.0 / loss_scale
+        d = _fused.decide(parts, self.clip, self.nonfinite, mult,
+                          name_of=lambda i: self._tensor_name(work, i))
+        if d is None:
+            return self._skipped(loss, loss_scale)
+        k = 0
+        for plan, _, h in work:
+            decoupled = self.rule.decoupled(h)
+            for part in plan.parts:
+                go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
+                                      decoupled=decoupled, maximize=h["maximize"],
+                                      grad_scale=d.scale, tensor_scale=d.tensor_scale[k],
+                                      clamp=d.clamp)
+                step, scalars = self._step_args(part.key)
+                self.rule.run(part.table if part.units is None else part.units, go, h, step,
+                              scalars)
+                part.next_key = self._next_key(part.key, scalars)
+                k += 1
+            plan.advance(self)
+            _increment_version(plan.params)
+        self.last_result = StepResult(d.grad_norm, d.clip_factor, False, loss_scale, True)
+        return loss
+
+    def _skipped(self, loss, loss_scale):
+        self.skipped_steps += 1
+        self.last_result = StepResult(None, 1.0, True, loss_scale, False)
+        return loss
+
+    @staticmethod
+    def _tensor_name(work, i):
+        for plan, _, _ in work:
+            for part in plan.parts:
+                rows = range(part.table.ntensors) if part.rows is None else part.rows
+                if i < len(rows):
+                    return param_name(plan.gi, plan.js[rows[i]])
+                i -= len(rows)
+        raise IndexError(i)
+
+
+class SGD(_Optimizer):
+    r"""Stochastic gradient descent with momentum, a drop-in for ``torch.optim.SGD``.
+
+    .. math::
+
+        g \leftarrow \pm\nabla + \lambda\theta, \quad
+        b \leftarrow \mu b + (1-\tau) g \ (b \leftarrow g \text{ at the first step}), \quad
+        \theta \leftarrow \theta - \gamma\,(g + \mu b \text{ if nesterov else } b)
+
+    (``b`` only when ``momentum != 0``). Same signature, defaults, ``param_groups`` and state
+    (``momentum_buffer``; no state at all when ``momentum == 0``) as ``torch.optim.SGD``, plus
+    the keyword-only ``clip`` and ``nonfinite`` (see :mod:`optcore.torch.optim`). Switching
+    ``momentum`` on mid-training starts the buffers as torch does.
+    """
+
+    rule = _rules.SGDRule
+    _scalar_keys = ()
+    _lazy_state = ("momentum_buffer",)
+    _torch_defaults = dict(nesterov=False, maximize=False, foreach=None, differentiable=False,
+                           fused=False)
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
+                 *, maximize=False, foreach=None, differentiable=False, fused=None, clip=None,
+                 nonfinite="propagate"):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach,
+                        differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, clip, nonfinite)
+
+    def _keeps_state(self, state_names):
+        return bool(state_names)
+
+    def _new_state(self, p, group, state_names):
+        return {}
+
+    def _part_key(self, st):
+        return (st.get("momentum_buffer") is None,)
+
+    def _step_args(self, key):
+        return (1 if key[0] else 2), {}
+
+    def _next_key(self, key, scalars):
+        return (False,)
+
+
+class Adagrad(_Optimizer):
+    r"""Adagrad, a drop-in for ``torch.optim.Adagrad``.
+
+    .. math::
+
+        \tilde\gamma = \frac{\gamma}{1 + (t-1)\,\eta}, \quad
+        g \leftarrow \pm\nabla + \lambda\theta, \quad s \leftarrow s + g^2, \quad
+        \theta \leftarrow \theta - \tilde\gamma\,\frac{g}{\sqrt{s} + \epsilon}
+
+    with ``t`` the parameter's own step count and ``eta = lr_decay``. State ``step`` (0-d
+    float32 tensor) and ``sum``, created at construction with ``initial_accumulator_value``
+    as torch does (also for groups added later). Plus ``clip`` and ``nonfinite``.
+    """
+
+    rule = _rules.AdaGradRule
+    _torch_defaults = dict(foreach=None, maximize=False, differentiable=False, fused=None)
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
+                 clip=None, nonfinite="propagate"):
+        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, clip, nonfinite)
+
+    def _new_state(self, p, group, state_names):
+        v = group["initial_accumulator_value"]
+        return {"step": torch.tensor(0.0, dtype=torch.float32),
+                "sum": torch.full_like(p, v, memory_format=torch.preserve_format)}
+
+    def _init_state(self, group):
+        for p in group["params"]:
+            if not self.state.get(p):
+                self.state[p].update(self._new_state(p, group, ()))
+
+
+class RMSprop(_Optimizer):
+    r"""RMSprop (optionally centered, with momentum), a drop-in for ``torch.optim.RMSprop``.
+
+    .. math::
+
+        g \leftarrow \pm\nabla + \lambda\theta, \quad v \leftarrow \alpha v + (1-\alpha) g^2,
+        \quad \bar g \leftarrow \alpha \bar g + (1-\alpha) g \ \text{(centered)}, \quad
+        d = \sqrt{v - \bar g^2} + \epsilon \ \text{(centered) else } \sqrt{v} + \epsilon,
+
+    then :math:`b \leftarrow \mu b + g/d,\ \theta \leftarrow \theta - \gamma b` when
+    ``momentum > 0``, else :math:`\theta \leftarrow \theta - \gamma g/d`. State ``step``,
+    ``square_avg``, ``momentum_buffer`` (momentum > 0), ``grad_avg`` (centered), as torch.
+    Switching ``momentum`` or ``centered`` on after the first step raises ValueError (torch
+    fails with a KeyError there). Plus ``clip`` and ``nonfinite``.
+    """
+
+    rule = _rules.RMSPropRule
+    _torch_defaults = dict(momentum=0, centered=False, foreach=None, maximize=False,
+                           differentiable=False, capturable=False)
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, *, clip=None, nonfinite="propagate"):
+        defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
+                        weight_decay=weight_decay, capturable=capturable, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable)
+        super().__init__(params, defaults, clip, nonfinite)
+
+
+class Adam(_Optimizer):
+    r"""Adam (and AMSGrad), a drop-in for ``torch.optim.Adam``.
+
+    .. math::
+
+        g \leftarrow \pm\nabla + \lambda\theta \ (\text{or } \theta \leftarrow (1-\gamma\lambda)
+        \theta \text{ when decoupled}), \quad m \leftarrow \beta_1 m + (1-\beta_1) g, \quad
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2,
+
+    :math:`\hat v = \max(\hat v, v)` with ``amsgrad``, and
+    :math:`\theta \leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
+    \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}`, ``t`` the parameter's own step count.
+    State ``step`` (0-d float32 tensor), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``
+    (amsgrad), as torch; ``betas`` and ``lr`` may be tensors or change every step
+    (schedulers). Switching ``amsgrad`` on after the first step raises ValueError (torch
+    fails with a KeyError there). Plus ``clip`` and ``nonfinite``.
+    """
+
+    rule = _rules.AdamRule
+    _torch_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                           differentiable=False, fused=None, decoupled_weight_decay=False)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False, clip=None,
+                 nonfinite="propagate"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, clip, nonfinite)
+
+
+class AdamW(_Optimizer):
+    r"""AdamW, a drop-in for ``torch.optim.AdamW``: :class:`Adam` with decoupled weight decay,
+    :math:`\theta \leftarrow (1-\gamma\lambda)\theta` before the Adam update (default
+    ``weight_decay=1e-2``). Same state as torch. Plus ``clip`` and ``nonfinite``.
+    """
+
+    rule = _rules.AdamWRule
+    _torch_defaults = dict(Adam._torch_defaults, decoupled_weight_decay=True)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, clip=None, nonfinite="propagate"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+        super().__init__(params, defaults, clip, nonfinite)
+
+
+class Adamax(_Optimizer):
+    r"""Adamax, a drop-in for ``torch.optim.Adamax``.
+
+    .. math::
+
+        g \leftarrow \pm\nabla + \lambda\theta, \quad m \leftarrow \beta_1 m + (1-\beta_1) g,
+        \quad u \leftarrow \max(\beta_2 u, |g| + \epsilon), \quad
+        \theta \leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,\frac{m}{u}
+
+    State ``step``, ``exp_avg``, ``exp_inf``, as torch. Plus ``clip`` and ``nonfinite``.
+    """
+
+    rule = _rules.AdaMaxRule
+    _torch_defaults = dict(foreach=None, maximize=False, differentiable=False, capturable=False)
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 foreach=None, *, maximize=False, differentiable=False, capturable=False,
+                 clip=None, nonfinite="propagate"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
+                        maximize=maximize, differentiable=differentiable, capturable=capturable)
+        super().__init__(params, defaults, clip, nonfinite)
+
+
+class NAdam(_Optimizer):
+    r"""NAdam, a drop-in for ``torch.optim.NAdam``.
+
+    With :math:`\mu_t = \beta_1 (1 - \tfrac12 0.96^{t\psi})` (``psi = momentum_decay``) and the
+    per-parameter product :math:`\Pi_t = \prod_{i\le t} \mu_i` (state ``mu_product``):
+
+    .. math::
+
+        m \leftarrow \beta_1 m + (1-\beta_1) g, \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,
+        \quad \theta \leftarrow \theta - \gamma\,\frac{\frac{1-\mu_t}{1-\Pi_t}\,g
+        + \frac{\mu_{t+1}}{1-\Pi_t\mu_{t+1}}\,m}{\sqrt{v/(1-\beta_2^t)} + \epsilon}
+
+    with coupled (or, ``decoupled_weight_decay``, decoupled) weight decay. State ``step``,
+    ``mu_product`` (0-d float32 tensors), ``exp_avg``, ``exp_avg_sq``, as torch. Plus
+    ``clip`` and ``nonfinite``.
+    """
+
+    rule = _rules.NAdamRule
+    _scalar_keys = ("step", "mu_product")
+    _torch_defaults = dict(maximize=False, foreach=None, capturable=False, differentiable=False,
+                           decoupled_weight_decay=False)
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
+                 maximize=False, capturable=False, differentiable=False, clip=None,
+                 nonfinite="propagate"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        momentum_decay=momentum_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable)
+        super().__init__(params, defaults, clip, nonfinite)
+
+    def _new_state(self, p, group, state_names):
+        st = super()._new_state(p, group, state_names)
+        st["mu_product"] = torch.tensor(1.0, dtype=torch.float32)
+        return st
+
+    def _part_key(self, st):
+        return (float(st["step"]), float(st["mu_product"]))
+
+    def _step_args(self, key):
+        return key[0] + 1.0, {"mu_product": key[1]}
+
+    def _next_key(self, key, scalars):
+        return (key[0] + 1.0, scalars["mu_product"])
