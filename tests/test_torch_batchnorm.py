@@ -126,6 +126,16 @@ def test_runs_on_optcore_kernels_in_the_input_memory_format(name, fused, rng):
     assert y.stride() == x.stride()
 
 
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_inplace_relu_after_the_module(name, rng):
+    """The output is a plain tensor (not a view), so an in-place ReLU may follow, as in
+    torchvision's ResNets."""
+    mine, ref = make_pair(name, "default", rng)
+    xs, dys = batches(name, rng, 1)
+    mine.forward = lambda x, f=mine.forward: torch.relu_(f(x))
+    assert_matches(run(mine, xs, dys)[0], run(ref, xs, dys, True, torch.float64)[0])
+
+
 def test_gradient_in_another_memory_format(rng):
     """A channels_last input whose incoming gradient is contiguous: converted once, correct."""
     mine, ref = make_pair("channels_last", "default", rng)
@@ -197,7 +207,8 @@ def test_fallback_to_torch(case, rng):
 def small_cnn():
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None),
+                      nn.ReLU(inplace=True)),
         nn.BatchNorm2d(8, affine=False),
         nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
 

@@ -12,7 +12,6 @@ NCHW tensors contiguous in memory, and channels-last tensors (``channels_last`` 
 output has the input's memory format, as torch's. Everything else (another device or dtype,
 other strides, an empty batch) goes to ``torch.nn.functional.batch_norm``.
 """
-import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -67,12 +66,16 @@ def _in_layout(t, layout):
 
 
 def _empty_like(x, layout):
-    """An uninitialized tensor shaped like ``x`` in ``layout``'s memory format."""
-    if layout == "NHWC":
-        order = _channels_last_order(x.dim())
-        inverse = tuple(int(i) for i in np.argsort(order))
-        return torch.empty([x.shape[i] for i in order], dtype=x.dtype).permute(inverse)
-    return torch.empty(x.shape, dtype=x.dtype)
+    """An uninitialized tensor shaped like ``x`` in ``layout``'s memory format (not a view, so
+    in-place operations on the output, e.g. ``nn.ReLU(inplace=True)``, stay allowed)."""
+    if layout != "NHWC":
+        return torch.empty(x.shape, dtype=x.dtype)
+    strides = [0] * x.dim()
+    step = 1
+    for d in reversed(_channels_last_order(x.dim())):
+        strides[d] = step
+        step *= x.shape[d]
+    return torch.empty_strided(x.shape, strides, dtype=x.dtype)
 
 
 def _vec(t):
