@@ -39,7 +39,8 @@ from optcore.torch import batchnorm as _bn
 from optcore.torch import optim as _optim
 from optcore.torch.models import MLP, ResNet18
 
-__all__ = ["MODELS", "OPTIMIZERS", "VARIANTS", "run", "format_table"]
+__all__ = ["MODELS", "OPTIMIZERS", "VARIANTS", "make_variant", "train_step", "run",
+           "format_table"]
 
 #: Model configurations: name -> (memory format, batch size)
 MODELS = {"resnet18": ("nchw", 32), "resnet18-cl": ("channels_last", 32), "mlp": ("rows", 256)}
@@ -47,34 +48,58 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop", "nadam")
 VARIANTS = ("(a) torch", "(b) optim", "(c) +bn", "(d) +bn-relu")
 
 _HYPER = {"adam": dict(lr=1e-3), "adamw": dict(lr=1e-3, weight_decay=1e-2),
-          "rmsprop": dict(lr=1e-3), "nadam": dict(lr=1e-3)}
+          "rmsprop": dict(lr=1e-4), "nadam": dict(lr=1e-3)}
 _TORCH_NAME = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "nadam": "NAdam"}
 _TORCH_FUSED = ("adam", "adamw")  # the rules with a fused CPU kernel in torch
+_BATCHES = 4
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, _bn.BatchNormReLU1d, _bn.BatchNormReLU2d)
 LOSS_RTOL = 1e-4
 
 
 def _model_and_batch(name, quick):
-    """A freshly seeded model (same weights every call) and its batch (inputs, targets)."""
+    """A freshly seeded model (same weights every call) and its batches: a list of
+    (inputs, targets), the steps cycle through them (a single batch repeated is learnt by heart
+    within a few steps, and near zero loss the relative loss check measures noise)."""
     fmt, batch = MODELS[name]
     torch.manual_seed(0)
     if name.startswith("resnet18"):
-        model = ResNet18(width=8 if quick else 64)
-        x = torch.randn(4 if quick else batch, 3, 32, 32)
+        model = ResNet18(width=4 if quick else 64)
+        shape = (4 if quick else batch, 3, 16 if quick else 32, 16 if quick else 32)
         if fmt == "channels_last":
             model = model.to(memory_format=torch.channels_last)
-            x = x.to(memory_format=torch.channels_last)
     else:
         width = 32 if quick else 512
         model = MLP(in_features=width, width=width, depth=8)
-        x = torch.randn(16 if quick else batch, width)
-    target = torch.randint(0, 10, (x.shape[0],))
-    return model, x, target
+        shape = (16 if quick else batch, width)
+    batches = []
+    for _ in range(_BATCHES):
+        x = torch.randn(shape)
+        if fmt == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        batches.append((x, torch.randint(0, 10, (shape[0],))))
+    return model, batches
 
 
-def _variant(variant, model_name, opt_name, quick):
-    """(model, optimizer, clip in torch?) of one variant, from the shared seeded weights."""
-    model, x, target = _model_and_batch(model_name, quick)
+def make_variant(variant, model_name, opt_name, quick):
+    """Build one variant of a benchmark step from the shared seeded weights.
+
+    Parameters
+    ----------
+    variant : int
+        Index into :data:`VARIANTS` (0 is pure torch).
+    model_name : str
+        A key of :data:`MODELS`.
+    opt_name : str
+        One of :data:`OPTIMIZERS`.
+    quick : bool
+        Tiny model and batches.
+
+    Returns
+    -------
+    model, optimizer, batches
+        ``batches`` is a list of ``(inputs, targets)`` the steps cycle through.
+    """
+    model, batches = _model_and_batch(model_name, quick)
     if variant >= 2:
         _bn.convert_batchnorm(model, "optcore", fuse_relu=variant == 3)
     hyper = _HYPER[opt_name]
@@ -85,11 +110,19 @@ def _variant(variant, model_name, opt_name, quick):
     else:
         cls = getattr(_optim, _TORCH_NAME[opt_name])
         opt = cls(model.parameters(), **hyper, clip=_clip.GlobalNorm(1.0))
-    return model, opt, x, target
+    return model, opt, batches
 
 
-def _step(model, opt, x, target, torch_clip):
-    """One training step; returns (loss, seconds in clipping + optimizer step)."""
+def train_step(model, opt, x, target, torch_clip):
+    """One training step: zero_grad, forward, cross-entropy, backward, clipping (by
+    ``clip_grad_norm_`` when ``torch_clip``, else inside the optimizer) and the step.
+
+    Returns
+    -------
+    loss : float
+    seconds : float
+        Spent in clipping and ``opt.step()``.
+    """
     opt.zero_grad()
     loss = F.cross_entropy(model(x), target)
     loss.backward()
@@ -126,14 +159,15 @@ def _bn_seconds(model, x, repeats):
 
 def _measure(model_name, opt_name, steps, warmup, quick, bn_time):
     """Rows of the four variants of one (model, optimizer), run interleaved step by step."""
-    setups = [_variant(v, model_name, opt_name, quick) for v in range(len(VARIANTS))]
+    setups = [make_variant(v, model_name, opt_name, quick) for v in range(len(VARIANTS))]
     times = [[] for _ in VARIANTS]
     opt_times = [[] for _ in VARIANTS]
     losses = [[] for _ in VARIANTS]
     for s in range(steps):
-        for v, (model, opt, x, target) in enumerate(setups):
+        for v, (model, opt, batches) in enumerate(setups):
+            x, target = batches[s % len(batches)]
             t0 = time.perf_counter()
-            loss, t_opt = _step(model, opt, x, target, torch_clip=v == 0)
+            loss, t_opt = train_step(model, opt, x, target, torch_clip=v == 0)
             if s >= warmup:
                 times[v].append(time.perf_counter() - t0)
                 opt_times[v].append(t_opt)
@@ -192,8 +226,8 @@ def run(models=tuple(MODELS), optimizers=OPTIMIZERS, threads=2, steps=20, warmup
                 progress(f"{model_name}: timing the batch-norm layers")
             bn = []
             for v in range(len(VARIANTS)):
-                model, _, x, _ = _variant(v, model_name, "adam", quick)
-                bn.append(_bn_seconds(model, x, repeats=3 if quick else 10))
+                model, _, batches = make_variant(v, model_name, "adam", quick)
+                bn.append(_bn_seconds(model, batches[0][0], repeats=3 if quick else 10))
             for opt_name in optimizers:
                 if progress:
                     progress(f"{model_name} {opt_name}: {steps} steps x {len(VARIANTS)} variants")
