@@ -114,13 +114,6 @@ def _bn_mask(y, x, relu):
     return y
 
 
-def _bn_split(mean):
-    """The float32 shift ``hi`` nearest the float64 ``mean`` and the float64 rest
-    ``mean - hi``, which the callers fold into their per-channel constants."""
-    hi = mean.astype(np.float32)
-    return hi, mean - hi
-
-
 def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, running_mean=None,
                       running_var=None, momentum=0.1, activation=None):
     r"""Batch normalization in training mode: normalize with the batch statistics.
@@ -239,23 +232,16 @@ def forward_unchecked(x, gamma, beta, geometry, eps, y, relu):
     """The training forward on checked buffers (``geometry`` from :func:`_bn_geometry`):
     writes ``y``, returns ``(mean, var, invstd)`` in float64. Shared with ``optcore.torch``."""
     rows, C, S, planar = geometry
-    mean = np.empty(C)
-    var = np.empty(C)
-    _bn.stats(x.reshape(-1), rows, C, S, planar, mean, var)
-    invstd = 1.0 / np.sqrt(var + eps)
-    a = invstd if gamma is None else gamma * invstd
-    hi, rest = _bn_split(mean)
-    b = -rest * a if beta is None else beta - rest * a
-    _bn.apply(x.reshape(-1), rows, C, S, planar, hi, a.astype(np.float32), b.astype(np.float32),
-              y.reshape(-1), relu)
+    mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
+    _bn.train_forward(x.reshape(-1), rows, C, S, planar, gamma, beta, eps, y.reshape(-1), relu,
+                      mean, var, invstd)
     return mean, var, invstd
 
 
 def update_running(running_mean, running_var, mean, var, n, momentum):
     """torch's running update, in place: ``(1 - m) * running + m * batch`` with the unbiased
     variance ``var * n / (n - 1)``."""
-    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    running_var[...] = (1.0 - momentum) * running_var + momentum * (var * (n / (n - 1)))
+    _bn.running_update(running_mean, running_var, mean, var, n, momentum)
 
 
 def _bn_inference_coefs(gamma, beta, running_mean, running_var, eps):
@@ -420,24 +406,9 @@ def backward_unchecked(dy, x, gamma, mean, invstd, geometry, dx, dgamma, dbeta, 
     fused-ReLU forward output or None): writes ``dx`` and, when given, ``dgamma``, ``dbeta``.
     Shared with ``optcore.torch``."""
     rows, C, S, planar = geometry
-    n = rows * S
-    hi, rest = _bn_split(mean)
-    sum_dy = np.empty(C)
-    sum_dy_xmu = np.empty(C)
-    m = None if mask is None else mask.reshape(-1)
-    _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, sum_dy, sum_dy_xmu,
-                      m)
-    sum_dy_xmu -= rest * sum_dy  # sums of dy * (x - hi) -> dy * (x - mean)
-    g = invstd if gamma is None else gamma * invstd
-    k2 = g * invstd * invstd * (sum_dy_xmu / n)
-    k3 = g * (sum_dy / n) - rest * k2  # (x - mean) * k2 = (x - hi) * k2 - rest * k2
-    if dx is not None:
-        _bn.dx(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, g.astype(np.float32),
-               k2.astype(np.float32), k3.astype(np.float32), dx.reshape(-1), m)
-    if dgamma is not None:
-        dgamma[...] = sum_dy_xmu * invstd
-    if dbeta is not None:
-        dbeta[...] = sum_dy
+    _bn.train_backward(dy.reshape(-1), x.reshape(-1), None if mask is None else mask.reshape(-1),
+                       rows, C, S, planar, gamma, mean, invstd,
+                       None if dx is None else dx.reshape(-1), dgamma, dbeta)
 
 
 def batchnorm_inference_backward(dy, x, gamma, running_mean, running_var, *, eps=1e-5,

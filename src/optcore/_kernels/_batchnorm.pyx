@@ -45,19 +45,6 @@ cdef inline const float *_mask(const float[::1] mask):
     return &mask[0]
 
 
-def stats(const float[::1] x, int64_t rows, int64_t C, int64_t S, bint planar,
-          double[::1] mean, double[::1] var):
-    """Per-channel mean and biased variance of ``x`` into ``mean`` and ``var`` (float64)."""
-    cdef oc_bn_shape sh = _shape(rows, C, S, planar)
-    cdef oc_exec ex = exec_begin(rows * C * S)
-    cdef int rc
-    with nogil:
-        rc = oc_bn_stats_run(&sh, &x[0], &mean[0], &var[0], &ex)
-    exec_end(ex)
-    if rc != 0:
-        raise MemoryError("batch-norm statistics: out of memory for the partial sums")
-
-
 def backward_sums(const float[::1] dy, const float[::1] x, int64_t rows, int64_t C, int64_t S,
                   bint planar, const float[::1] hi, double[::1] sum_dy, double[::1] sum_dy_xmu,
                   const float[::1] mask=None):
@@ -93,17 +80,116 @@ def apply(const float[::1] x, int64_t rows, int64_t C, int64_t S, bint planar,
         raise MemoryError("batch-norm: out of memory for the per-channel coefficient tiles")
 
 
-def dx(const float[::1] dy, const float[::1] x, int64_t rows, int64_t C, int64_t S, bint planar,
-       const float[::1] hi, const float[::1] k1, const float[::1] k2, const float[::1] k3,
-       float[::1] out, const float[::1] mask=None):
-    """``dx = dy * k1 - (x - hi) * k2 - k3`` per channel (dy taken as 0 where ``mask`` is not
-    > 0)."""
+# ---- whole passes: the kernels plus the per-channel constants (float64), in one call ----------
+# (the same operations, in the same order, as the NumPy expressions they replace; so the
+# results do not depend on which caller computed them)
+
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+
+cdef float *_floats(int64_t n) except NULL:
+    cdef float *p = <float *>malloc(sizeof(float) * (n + 1))
+    if p == NULL:
+        raise MemoryError("batch-norm: out of memory for the per-channel constants")
+    return p
+
+
+def train_forward(const float[::1] x, int64_t rows, int64_t C, int64_t S, bint planar,
+                  const float[::1] gamma, const float[::1] beta, double eps, float[::1] y,
+                  bint relu, double[::1] mean, double[::1] var, double[::1] invstd):
+    """Statistics into ``mean``, ``var``, ``invstd`` (float64), then ``y = (x - hi) * a + b``
+    with ``a = gamma * invstd``, ``hi`` the float nearest the mean and
+    ``b = beta - (mean - hi) * a`` (clamped at 0 when ``relu``)."""
+    cdef oc_bn_shape sh = _shape(rows, C, S, planar)
+    cdef oc_exec ex = exec_begin(rows * C * S)
+    cdef int rc
+    cdef float *hi = NULL
+    cdef float *a = NULL
+    cdef float *b = NULL
+    cdef int64_t c
+    cdef double ac, rest
+    try:
+        hi, a, b = _floats(C), _floats(C), _floats(C)
+        with nogil:
+            rc = oc_bn_stats_run(&sh, &x[0], &mean[0], &var[0], &ex)
+            if rc == 0:
+                for c in range(C):
+                    invstd[c] = 1.0 / sqrt(var[c] + eps)
+                    ac = invstd[c] if gamma is None else gamma[c] * invstd[c]
+                    hi[c] = <float>mean[c]
+                    rest = mean[c] - <double>hi[c]
+                    b[c] = <float>(-rest * ac if beta is None else beta[c] - rest * ac)
+                    a[c] = <float>ac
+                rc = oc_bn_apply_run(&sh, &x[0], hi, a, b, NULL, relu, &y[0], &ex)
+    finally:
+        exec_end(ex)
+        free(hi)
+        free(a)
+        free(b)
+    if rc != 0:
+        raise MemoryError("batch-norm forward: out of memory for the partial sums")
+
+
+def running_update(float[::1] running_mean, float[::1] running_var, const double[::1] mean,
+                   const double[::1] var, double n, double momentum):
+    """torch's running update in float64, stored as float32:
+    ``r = (1 - m) * r + m * batch`` with the unbiased variance ``var * (n / (n - 1))``."""
+    cdef int64_t c
+    cdef double keep = 1.0 - momentum, unbias = n / (n - 1.0)
+    for c in range(running_mean.shape[0]):
+        running_mean[c] = <float>(keep * running_mean[c] + momentum * mean[c])
+        running_var[c] = <float>(keep * running_var[c] + momentum * (var[c] * unbias))
+
+
+def train_backward(const float[::1] dy, const float[::1] x, const float[::1] mask, int64_t rows,
+                   int64_t C, int64_t S, bint planar, const float[::1] gamma,
+                   const double[::1] mean, const double[::1] invstd, float[::1] dx,
+                   float[::1] dgamma, float[::1] dbeta):
+    """The training backward (see ``batchnorm_backward``): sums of ``dy`` and
+    ``dy * (x - mean)`` (dy taken as 0 where ``mask`` is not > 0), then ``dx`` (when given),
+    ``dgamma`` and ``dbeta`` (when given)."""
     cdef oc_bn_shape sh = _shape(rows, C, S, planar)
     cdef const float *pm = _mask(mask)
     cdef oc_exec ex = exec_begin(rows * C * S)
     cdef int rc
-    with nogil:
-        rc = oc_bn_dx_run(&sh, &dy[0], &x[0], pm, &hi[0], &k1[0], &k2[0], &k3[0], &out[0], &ex)
-    exec_end(ex)
+    cdef float *hi = NULL
+    cdef float *k1 = NULL
+    cdef float *k2 = NULL
+    cdef float *k3 = NULL
+    cdef double *s = NULL
+    cdef int64_t c
+    cdef double n = <double>(rows * S), rest, g, q
+    try:
+        hi, k1, k2, k3 = _floats(C), _floats(C), _floats(C), _floats(C)
+        s = <double *>malloc(sizeof(double) * (2 * C + 1))
+        if s == NULL:
+            raise MemoryError("batch-norm backward: out of memory for the sums")
+        with nogil:
+            for c in range(C):
+                hi[c] = <float>mean[c]
+            rc = oc_bn_sums_run(1, &sh, &x[0], &dy[0], pm, hi, s, s + C, &ex)
+            if rc == 0:
+                for c in range(C):
+                    rest = mean[c] - <double>hi[c]
+                    s[C + c] -= rest * s[c]  # sums of dy * (x - hi) -> dy * (x - mean)
+                    g = invstd[c] if gamma is None else gamma[c] * invstd[c]
+                    q = g * invstd[c] * invstd[c] * (s[C + c] / n)
+                    k1[c] = <float>g
+                    k2[c] = <float>q
+                    k3[c] = <float>(g * (s[c] / n) - rest * q)
+                    if dgamma is not None:
+                        dgamma[c] = <float>(s[C + c] * invstd[c])
+                    if dbeta is not None:
+                        dbeta[c] = <float>s[c]
+                if dx is not None:
+                    rc = oc_bn_dx_run(&sh, &dy[0], &x[0], pm, hi, k1, k2, k3, &dx[0], &ex)
+    finally:
+        exec_end(ex)
+        free(hi)
+        free(k1)
+        free(k2)
+        free(k3)
+        free(s)
     if rc != 0:
-        raise MemoryError("batch-norm backward: out of memory for the per-channel coefficient tiles")
+        raise MemoryError("batch-norm backward: out of memory for the partial sums")

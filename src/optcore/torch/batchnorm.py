@@ -125,13 +125,16 @@ class _BatchNormFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None
 
 
-def _kernel_plan(module, x, batch_stats):
-    """The plan of ``x`` when optcore's kernels apply to this call, else None."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.layout != torch.strided:
+def _kernel_plan(x, tensors, batch_stats):
+    """The plan of ``x`` when optcore's kernels apply to this call (``tensors``: the module's
+    weight, bias and running statistics, each may be None), else None."""
+    f32 = torch.float32
+    if x.dtype != f32 or x.device.type != "cpu" or x.layout != torch.strided:
         return None
-    for t in (module.weight, module.bias, module.running_mean, module.running_var):
-        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"
-                              or t.shape != (x.shape[1],) or not t.is_contiguous()):
+    C = x.shape[1]
+    for t in tensors:
+        if t is not None and (t.dtype != f32 or t.device.type != "cpu" or t.dim() != 1
+                              or t.shape[0] != C or t.stride(0) != 1):
             return None
     plan = _plan(x)
     if plan is None or (batch_stats and plan[1][0] * plan[1][2] < 2):
@@ -143,26 +146,29 @@ def _batch_norm(module, x, relu):
     """torch's ``_BatchNorm.forward`` on optcore's kernels where they apply. The batch counter
     moves only after a successful call, so a rejected input changes no buffer."""
     module._check_input_dim(x)
-    track = module.training and module.track_running_stats
+    training = module.training
+    params, buffers = module._parameters, module._buffers  # one lookup each, not __getattr__
+    weight, bias = params["weight"], params["bias"]
+    running_mean, running_var = buffers["running_mean"], buffers["running_var"]
     count = None
-    if track and module.num_batches_tracked is not None:
-        count = module.num_batches_tracked
+    if training and module.track_running_stats:
+        count = buffers["num_batches_tracked"]
     if module.momentum is None:
         momentum = 1.0 / (float(count) + 1.0) if count is not None else 0.0
     else:
         momentum = module.momentum
-    batch_stats = module.training or (module.running_mean is None and module.running_var is None)
-    use_running = not module.training or module.track_running_stats
-    rm = module.running_mean if use_running else None
-    rv = module.running_var if use_running else None
-    plan = _kernel_plan(module, x, batch_stats)
+    batch_stats = training or (running_mean is None and running_var is None)
+    use_running = not training or module.track_running_stats
+    rm = running_mean if use_running else None
+    rv = running_var if use_running else None
+    plan = _kernel_plan(x, (weight, bias, rm, rv), batch_stats)
     if plan is None:
-        y = F.batch_norm(x, rm, rv, module.weight, module.bias, batch_stats, momentum, module.eps)
+        y = F.batch_norm(x, rm, rv, weight, bias, batch_stats, momentum, module.eps)
         if relu:
             y = F.relu(y)
     else:
-        y = _BatchNormFunction.apply(x, module.weight, module.bias, rm, rv, batch_stats, momentum,
-                                     module.eps, relu, plan)
+        y = _BatchNormFunction.apply(x, weight, bias, rm, rv, batch_stats, momentum, module.eps,
+                                     relu, plan)
     if count is not None:
         count.add_(1)
     return y
