@@ -72,10 +72,12 @@ def test_readme_example_runs(capsys):
 
 
 def public_module_names():
-    """optcore and the names of its public submodules (no leading underscore)."""
+    """optcore and the names of its public submodules, those of its subpackages included (no
+    component with a leading underscore; a subpackage whose optional dependency is missing
+    contributes only its own name)."""
     return ["optcore"] + [
-        f"optcore.{m.name}" for m in pkgutil.iter_modules(optcore.__path__)
-        if not m.name.startswith("_") and f"optcore.{m.name}" not in NOT_API
+        m.name for m in pkgutil.walk_packages(optcore.__path__, "optcore.", onerror=lambda n: None)
+        if not any(part.startswith("_") for part in m.name.split(".")) and m.name not in NOT_API
     ]
 
 
