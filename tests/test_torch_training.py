@@ -60,5 +60,7 @@ def test_bench_training_bad_arguments(capsys):
     assert main(["bench", "--training", "--optimizers", "sgd", "--quick"]) == 2
     assert "not ['sgd']" in capsys.readouterr().err
     assert main(["bench", "--training", "--threads", "1,2", "--quick"]) == 2
+    assert main(["bench", "--training", "--models", "vgg", "--quick"]) == 2
+    assert "not ['vgg']" in capsys.readouterr().err
     assert main(["bench", "--training", "--quick", "--steps", "2"]) == 2
     assert "steps must exceed warmup" in capsys.readouterr().err

@@ -69,6 +69,10 @@ def _bench_training(args):
     unknown = [o for o in optimizers if o not in training.OPTIMIZERS]
     if unknown:
         raise ValueError(f"--training runs {', '.join(training.OPTIMIZERS)}; not {unknown}")
+    models = args.models or list(training.MODELS)
+    unknown = [m for m in models if m not in training.MODELS]
+    if unknown:
+        raise ValueError(f"--models: choose from {', '.join(training.MODELS)}; not {unknown}")
     threads = args.threads or [2]
     if len(threads) != 1:
         raise ValueError("--training takes one thread count")
@@ -79,7 +83,7 @@ def _bench_training(args):
         if not args.no_progress:
             print(f"  measuring {msg} ...", file=sys.stderr, flush=True)
 
-    result = training.run(optimizers=optimizers, threads=threads[0],
+    result = training.run(models=models, optimizers=optimizers, threads=threads[0],
                           steps=args.steps or (6 if args.quick else 20),
                           warmup=2 if args.quick else 5, quick=args.quick, progress=progress)
     print(training.format_table(result))
@@ -230,6 +234,8 @@ def build_parser():
                    help="instead: whole training steps (ResNet-18-style CNN, MLP) with torch, "
                         "optcore's optimizers, batch norm and fused BN+ReLU (needs torch; "
                         "default 2 threads, --quick: tiny models)")
+    p.add_argument("--models", type=lambda t: _list(t, str, "models"), metavar="NAME[,NAME...]",
+                   help="with --training: subset of resnet18,resnet18-cl,mlp (default: all)")
     p.add_argument("--steps", type=_positive, metavar="N",
                    help="with --training: steps per variant, the first 5 untimed (default 20)")
     p.set_defaults(func=_bench)

@@ -104,13 +104,12 @@ def train_forward(const float[::1] x, int64_t rows, int64_t C, int64_t S, bint p
     cdef oc_bn_shape sh = _shape(rows, C, S, planar)
     cdef oc_exec ex = exec_begin(rows * C * S)
     cdef int rc
-    cdef float *hi = NULL
-    cdef float *a = NULL
-    cdef float *b = NULL
+    cdef float *hi = _floats(3 * C)  # hi, a, b
+    cdef float *a = hi + C
+    cdef float *b = hi + 2 * C
     cdef int64_t c
     cdef double ac, rest
     try:
-        hi, a, b = _floats(C), _floats(C), _floats(C)
         with nogil:
             rc = oc_bn_stats_run(&sh, &x[0], &mean[0], &var[0], &ex)
             if rc == 0:
@@ -125,8 +124,6 @@ def train_forward(const float[::1] x, int64_t rows, int64_t C, int64_t S, bint p
     finally:
         exec_end(ex)
         free(hi)
-        free(a)
-        free(b)
     if rc != 0:
         raise MemoryError("batch-norm forward: out of memory for the partial sums")
 
@@ -153,18 +150,18 @@ def train_backward(const float[::1] dy, const float[::1] x, const float[::1] mas
     cdef const float *pm = _mask(mask)
     cdef oc_exec ex = exec_begin(rows * C * S)
     cdef int rc
+    cdef double *s = <double *>malloc(sizeof(double) * (2 * C + 1))
+    if s == NULL:
+        raise MemoryError("batch-norm backward: out of memory for the sums")
     cdef float *hi = NULL
-    cdef float *k1 = NULL
-    cdef float *k2 = NULL
-    cdef float *k3 = NULL
-    cdef double *s = NULL
+    cdef float *k1
+    cdef float *k2
+    cdef float *k3
     cdef int64_t c
     cdef double n = <double>(rows * S), rest, g, q
     try:
-        hi, k1, k2, k3 = _floats(C), _floats(C), _floats(C), _floats(C)
-        s = <double *>malloc(sizeof(double) * (2 * C + 1))
-        if s == NULL:
-            raise MemoryError("batch-norm backward: out of memory for the sums")
+        hi = _floats(4 * C)  # hi, k1, k2, k3
+        k1, k2, k3 = hi + C, hi + 2 * C, hi + 3 * C
         with nogil:
             for c in range(C):
                 hi[c] = <float>mean[c]
@@ -187,9 +184,6 @@ def train_backward(const float[::1] dy, const float[::1] x, const float[::1] mas
     finally:
         exec_end(ex)
         free(hi)
-        free(k1)
-        free(k2)
-        free(k3)
         free(s)
     if rc != 0:
         raise MemoryError("batch-norm backward: out of memory for the partial sums")
