@@ -23,7 +23,11 @@ and the median over the steps after the warm-up is reported. The share of the st
 optimizer is timed inside each step (clipping and ``step()``); the share in batch norm comes
 from timing every batch-norm layer of the model alone (forward and backward on inputs of the
 shapes and memory formats it sees, in the variant's implementation; with (d) that includes the
-fused ReLU). Each variant's losses over all steps must agree with (a)'s to a relative 1e-4.
+fused ReLU). Each variant's losses over all steps must agree with (a)'s to a relative 1e-4,
+or, where training amplifies rounding more than that, to twice the drift of (a) against
+itself run at another thread count (measured in the same run: RMSprop's first steps move every
+weight by about 10 lr whatever its gradient, and torch alone drifts by ~3e-3 over 20 steps
+of the MLP between 1 and 2 threads).
 """
 import copy
 import statistics
@@ -47,19 +51,23 @@ MODELS = {"resnet18": ("nchw", 32), "resnet18-cl": ("channels_last", 32), "mlp":
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "nadam")
 VARIANTS = ("(a) torch", "(b) optim", "(c) +bn", "(d) +bn-relu")
 
-_HYPER = {"adam": dict(lr=1e-3), "adamw": dict(lr=1e-3, weight_decay=1e-2),
-          "rmsprop": dict(lr=1e-4), "nadam": dict(lr=1e-3)}
+# Learning rate 1e-4 for every rule: the Adam family and RMSprop move every weight by about
+# lr (10 lr for RMSprop) in their first steps whatever its gradient, so float32 rounding
+# differences grow during training; at 1e-3 the MLP's losses drift apart by 1e-2 in 20 steps
+# between any two implementations (torch at 1 and at 2 threads included).
+_HYPER = {"adam": dict(lr=1e-4), "adamw": dict(lr=1e-4, weight_decay=1e-2),
+          "rmsprop": dict(lr=1e-4), "nadam": dict(lr=1e-4)}
 _TORCH_NAME = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "nadam": "NAdam"}
 _TORCH_FUSED = ("adam", "adamw")  # the rules with a fused CPU kernel in torch
-_BATCHES = 4
+_BATCHES = 20
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, _bn.BatchNormReLU1d, _bn.BatchNormReLU2d)
 LOSS_RTOL = 1e-4
 
 
 def _model_and_batch(name, quick):
     """A freshly seeded model (same weights every call) and its batches: a list of
-    (inputs, targets), the steps cycle through them (a single batch repeated is learnt by heart
-    within a few steps, and near zero loss the relative loss check measures noise)."""
+    (inputs, targets) of random data, one per step of a default run (batches repeated are learnt
+    by heart within a few steps, and near zero loss the relative loss check measures noise)."""
     fmt, batch = MODELS[name]
     torch.manual_seed(0)
     if name.startswith("resnet18"):
@@ -157,7 +165,27 @@ def _bn_seconds(model, x, repeats):
     return total
 
 
-def _measure(model_name, opt_name, steps, warmup, quick, bn_time):
+def _rel_diff(losses, ref):
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, ref))
+
+
+def _torch_drift(model_name, opt_name, steps, quick, threads, ref):
+    """The losses' drift of pure torch against itself at another thread count: the noise floor
+    of the loss check (float32 sums in another order, grown by training)."""
+    other = 1 if threads > 1 else 2
+    torch.set_num_threads(other)
+    optcore.set_num_threads(other)
+    try:
+        model, opt, batches = make_variant(0, model_name, opt_name, quick)
+        losses = [train_step(model, opt, *batches[s % len(batches)], torch_clip=True)[0]
+                  for s in range(steps)]
+    finally:
+        torch.set_num_threads(threads)
+        optcore.set_num_threads(threads)
+    return _rel_diff(losses, ref)
+
+
+def _measure(model_name, opt_name, steps, warmup, quick, bn_time, threads):
     """Rows of the four variants of one (model, optimizer), run interleaved step by step."""
     setups = [make_variant(v, model_name, opt_name, quick) for v in range(len(VARIANTS))]
     times = [[] for _ in VARIANTS]
@@ -174,14 +202,15 @@ def _measure(model_name, opt_name, steps, warmup, quick, bn_time):
             losses[v].append(loss)
     rows = []
     base = statistics.median(times[0])
+    floor = _torch_drift(model_name, opt_name, steps, quick, threads, losses[0])
     for v, name in enumerate(VARIANTS):
         step_s = statistics.median(times[v])
-        diff = max(abs(a - b) / abs(b) for a, b in zip(losses[v], losses[0]))
+        diff = _rel_diff(losses[v], losses[0])
         rows.append(dict(
             model=model_name.split("-")[0], format=MODELS[model_name][0], optimizer=opt_name,
             variant=name, step_s=step_s, speedup=base / step_s,
             bn_share=bn_time[v] / step_s, optim_share=statistics.median(opt_times[v]) / step_s,
-            loss_rel_diff=diff, losses=losses[v]))
+            loss_rel_diff=diff, torch_drift=floor, losses=losses[v]))
     return rows
 
 
@@ -211,8 +240,9 @@ def run(models=tuple(MODELS), optimizers=OPTIMIZERS, threads=2, steps=20, warmup
     dict
         ``config`` (the arguments and versions), ``rows`` (one dict per model, optimizer and
         variant: ``step_s``, ``speedup`` over (a), ``bn_share``, ``optim_share``,
-        ``loss_rel_diff`` against (a), ``losses``) and ``losses_agree`` (every relative
-        difference <= 1e-4).
+        ``loss_rel_diff`` against (a), ``torch_drift`` -- (a) against itself at another
+        thread count -- and ``losses``) and ``losses_agree`` (every relative difference
+        <= max(1e-4, 2 torch_drift)).
     """
     if steps <= warmup:
         raise ValueError(f"steps must exceed warmup ({warmup}), got {steps}")
@@ -231,31 +261,38 @@ def run(models=tuple(MODELS), optimizers=OPTIMIZERS, threads=2, steps=20, warmup
             for opt_name in optimizers:
                 if progress:
                     progress(f"{model_name} {opt_name}: {steps} steps x {len(VARIANTS)} variants")
-                rows += _measure(model_name, opt_name, steps, warmup, quick, bn)
+                rows += _measure(model_name, opt_name, steps, warmup, quick, bn, threads)
     finally:
         torch.set_num_threads(before)
         optcore.set_num_threads(None)
     return dict(
         config=dict(models=list(models), optimizers=list(optimizers), threads=threads,
                     steps=steps, warmup=warmup, quick=quick, torch=torch.__version__),
-        rows=rows, losses_agree=all(r["loss_rel_diff"] <= LOSS_RTOL for r in rows))
+        rows=rows, losses_agree=all(_agrees(r) for r in rows))
+
+
+def _agrees(row):
+    """The loss check: within 1e-4 relative of (a), or within twice torch's own drift at
+    another thread count when that is larger (training amplifies rounding differences)."""
+    return row["loss_rel_diff"] <= max(LOSS_RTOL, 2.0 * row["torch_drift"])
 
 
 def format_table(result):
     """The rows of :func:`run` as a text table, with the loss check below it."""
     head = (f"{'model':<9}{'format':<15}{'optimizer':<10}{'variant':<14}{'step ms':>9}"
-            f"{'x (a)':>7}{'BN %':>7}{'optim %':>9}{'loss diff':>11}")
+            f"{'x (a)':>7}{'BN %':>7}{'optim %':>9}{'loss diff':>11}{'torch drift':>13}")
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         lines.append(
             f"{r['model']:<9}{r['format']:<15}{r['optimizer']:<10}{r['variant']:<14}"
             f"{r['step_s'] * 1e3:>9.2f}{r['speedup']:>7.2f}{r['bn_share'] * 100:>7.1f}"
-            f"{r['optim_share'] * 100:>9.1f}{r['loss_rel_diff']:>11.1e}")
+            f"{r['optim_share'] * 100:>9.1f}{r['loss_rel_diff']:>11.1e}{r['torch_drift']:>13.1e}")
     cfg = result["config"]
     worst = max((r["loss_rel_diff"] for r in result["rows"]), default=0.0)
     lines.append("")
     lines.append(
         f"threads {cfg['threads']}, median of steps {cfg['warmup'] + 1}-{cfg['steps']}; "
-        f"losses over {cfg['steps']} steps agree with (a) to {LOSS_RTOL:g} relative: "
+        f"losses over {cfg['steps']} steps agree with (a) to {LOSS_RTOL:g} relative, or to "
+        f"twice torch's own drift at another thread count: "
         f"{'yes' if result['losses_agree'] else 'NO'} (largest difference {worst:.1e})")
     return "\n".join(lines)
