@@ -88,11 +88,11 @@ typedef int32_t oc_v16i __attribute__((vector_size(64)));
  * differences between the clones); everything here is inlined anyway. */
 #define OC_V16_LOAD(v, p) memcpy(&(v), (p), sizeof(oc_v16f))
 
-/* g where the 16 mask values at p are > 0, else 0 (a bitwise and with the comparison). */
-OC_AI oc_v16f oc_v16_gate(oc_v16f g, const float *p) {
+/* *g kept where the 16 mask values at p are > 0, else 0 (a bitwise and with the comparison). */
+OC_AI void oc_v16_gate(oc_v16f *g, const float *p) {
     oc_v16f m;
     OC_V16_LOAD(m, p);
-    return (oc_v16f)((oc_v16i)g & (m > (oc_v16f){0}));
+    *g = (oc_v16f)((oc_v16i)*g & (m > (oc_v16f){0}));
 }
 
 /* Float64 lanes of the two sums: lanes 0-7 in [0], 8-15 in [1]. */
@@ -145,7 +145,7 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, const float
                 oc_v16f d, g;
                 OC_V16_LOAD(d, x + i);
                 OC_V16_LOAD(g, dy + i);
-                g = oc_v16_gate(g, m + i);
+                oc_v16_gate(&g, m + i);
                 d = d - vh;
                 l1 += g;
                 l2 += g * d;
@@ -237,7 +237,7 @@ OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, cons
                     oc_v16f v, g;
                     OC_V16_LOAD(v, xb + t * T + i);
                     OC_V16_LOAD(g, gb + t * T + i);
-                    g = oc_v16_gate(g, mb + t * T + i);
+                    oc_v16_gate(&g, mb + t * T + i);
                     v = v - h;
                     l1 += g;
                     l2 += g * v;
