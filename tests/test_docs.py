@@ -7,6 +7,7 @@
   public module has a page in the API reference.
 """
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 import re
@@ -72,13 +73,21 @@ def test_readme_example_runs(capsys):
 
 
 def public_module_names():
-    """optcore and the names of its public submodules, those of its subpackages included (no
-    component with a leading underscore; a subpackage whose optional dependency is missing
-    contributes only its own name)."""
-    return ["optcore"] + [
-        m.name for m in pkgutil.walk_packages(optcore.__path__, "optcore.", onerror=lambda n: None)
-        if not any(part.startswith("_") for part in m.name.split(".")) and m.name not in NOT_API
-    ]
+    """optcore and the names of its public submodules (no leading underscore), those of public
+    subpackages included (found without importing them: optcore.torch needs torch)."""
+    names = ["optcore"]
+
+    def walk(prefix, path):
+        for m in pkgutil.iter_modules(path):
+            full = f"{prefix}.{m.name}"
+            if m.name.startswith("_") or full in NOT_API:
+                continue
+            names.append(full)
+            if m.ispkg:
+                walk(full, importlib.util.find_spec(full).submodule_search_locations)
+
+    walk("optcore", optcore.__path__)
+    return names
 
 
 def import_public(name):

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 import optcore  # noqa: E402
 import optcore.torch as ot  # noqa: E402
 from torch_helpers import (  # noqa: E402
-    Net, assert_close, assert_models_close, assert_states_close, batches, pair, train,
+    Net, assert_close, assert_models_close, assert_states_close, batches, pair, train, wide,
 )
 
 CASES = [
@@ -120,10 +120,10 @@ def test_add_param_group_mid_training(name):
     assert oa.param_groups[1].get("momentum") == kw.get("momentum")
 
 
-def test_per_group_hyperparameters():
+def test_per_group_hyperparameters_and_named_parameters():
     ma, mb = pair()
-    groups = lambda m: [{"params": m.l1.parameters(), "weight_decay": 0.1, "betas": (0.5, 0.9)},
-                        {"params": m.l2.parameters(), "lr": 1e-3, "amsgrad": True}]
+    groups = lambda m: [{"params": m.l1.named_parameters(), "weight_decay": 0.1, "betas": (0.5, 0.9)},
+                        {"params": m.l2.named_parameters(), "lr": 1e-3, "amsgrad": True}]
     oa = ot.Adam(groups(ma), lr=1e-2)
     ob = torch.optim.Adam(groups(mb), lr=1e-2, foreach=False)
     data = batches(50)
@@ -131,6 +131,7 @@ def test_per_group_hyperparameters():
     train(mb, ob, data)
     assert_models_close(ma, mb)
     assert_states_close(oa, ob)
+    assert oa.state_dict()["param_groups"][1]["param_names"] == ["weight", "bias"]
 
 
 @pytest.mark.parametrize("sched", ["step", "onecycle-adam", "onecycle-sgd", "plateau", "tensor-lr"])
@@ -261,12 +262,12 @@ def test_channels_last():
 
 @pytest.mark.parametrize("name", ["Adam", "NAdam", "SGD"])
 def test_one_and_two_threads_are_bitwise_equal(name):
-    """Large enough tensors (4096 x 24) for the kernels to split work across threads; clipping
+    """A 512 x 512 layer, large enough for the kernels to split work across threads; clipping
     by global norm adds the reduction."""
     results = []
     for threads in (1, 2):
         optcore.set_num_threads(threads)
-        m = Net(width=4096)
+        m = wide()
         kw = dict(lr=1e-2, momentum=0.9) if name == "SGD" else dict(lr=1e-2)
         opt = getattr(ot, name)(m.parameters(), clip=optcore.clip.GlobalNorm(0.5), **kw)
         train(m, opt, batches(5))
@@ -306,3 +307,49 @@ def test_signatures_match_torch():
         for k, p in theirs.items():
             assert ours[k].default == p.default and ours[k].kind == p.kind, (name, k)
         assert ours["clip"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "Adamax", "NAdam"])
+def test_scalar_and_empty_parameters(name):
+    """0-d and empty parameters are tensors like the others (torch updates them too)."""
+    def params():
+        torch.manual_seed(0)
+        return [torch.randn((), requires_grad=True), torch.zeros(0, 3, requires_grad=True),
+                torch.randn(5, requires_grad=True)]
+
+    pa, pb = params(), params()
+    oa = getattr(ot, name)(pa, lr=1e-2)
+    ob = getattr(torch.optim, name)(pb, lr=1e-2, foreach=False)
+    for t in range(20):
+        for ps, o in ((pa, oa), (pb, ob)):
+            o.zero_grad()
+            (ps[0] ** 2 * ps[2].sum() + ps[1].sum() + (ps[2] ** 3).sum()).backward()
+            o.step()
+    for a, b in zip(pa, pb):
+        assert_close(a.detach(), b.detach())
+
+
+def test_step_hooks_and_schedulers_see_a_torch_optimizer():
+    m = Net()
+    opt = ot.Adam(m.parameters(), lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    train(m, opt, batches(2))
+    assert calls == ["pre", "post", "pre", "post"]
+    assert opt.last_result.applied and opt.last_result.grad_norm is None
+
+
+@pytest.mark.parametrize("policy", [None, optcore.clip.Adaptive()])
+def test_gradients_are_freed_by_zero_grad(policy):
+    """The cached tables keep no reference to a gradient between steps: zero_grad() frees
+    them, as with torch.optim (else a second set of gradients would live through backward)."""
+    import gc
+    import weakref
+    m = Net()
+    opt = ot.Adam(m.parameters(), clip=policy)
+    train(m, opt, batches(2))
+    refs = [weakref.ref(p.grad) for p in m.parameters() if p.grad is not None]
+    opt.zero_grad()
+    gc.collect()
+    assert refs and all(r() is None for r in refs)

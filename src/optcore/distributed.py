@@ -28,6 +28,7 @@ import numpy as np
 
 from optcore import _checks as ck
 from optcore import clip as _clip
+from optcore._fused import NONFINITE as _NONFINITE
 from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
 from optcore.optim import Optimizer, StepResult, _named_groups
@@ -37,7 +38,6 @@ __all__ = ["allreduce_grads_", "global_norm", "clip_grad_norm_", "ShardedOptimiz
            "shard_bounds"]
 
 _ALIGN = ALIGN_BYTES // 4          # shard boundaries fall on 64-byte (16-element) boundaries
-_NONFINITE = ("propagate", "skip", "raise")
 
 
 def _mpi():

@@ -4,16 +4,20 @@ A :class:`Plan` holds, for the parameters of one group that have a gradient, the
 address tables the kernels walk, split into *parts*: the tensors that share a per-parameter
 step count (torch counts steps per parameter) run in one kernel call. It is built in two
 phases, so that a bad tensor of any group raises before anything of the step is written:
-:meth:`Plan.check` / the constructor validate and compute addresses without writing, and
-:meth:`Plan.commit` creates the missing state and binds the tables.
+the constructor (and :meth:`Plan.refresh` for a cached plan) validates and computes addresses
+without writing, and :meth:`Plan.commit` creates the missing state and binds the tables.
 
 From one step to the next only the gradients usually change (``zero_grad(set_to_none=True)``
-makes backward allocate new ones): :meth:`Plan.refresh` then checks the new gradients with
-the cheapest sound test (one ``is_contiguous`` per gradient when the parameters are
-contiguous, else a stride comparison) and re-points only the gradient slot. A parameter whose
-storage was replaced (``p.data = ...``), a new gradient pattern (a gradient became None), new
-state tensors (``load_state_dict``) or other state buffers (e.g. ``momentum`` switched on)
-rebuild the plan.
+makes backward allocate new ones), and the plan keeps no reference to a gradient between
+steps (that would keep a second set of gradients alive through the next backward): at each
+step :meth:`Plan.refresh` checks the gradients with the cheapest sound test and re-points only
+the gradient slot. torch's ``.grad`` setter and autograd already guarantee a gradient the
+parameter's dtype, device and shape; what remains is one ``is_contiguous`` per gradient when
+the parameters are contiguous (else a comparison of strides), which also refuses sparse
+gradients (they raise on it). Assigning ``p.grad.data`` bypasses torch's guarantees and is
+not supported. A parameter whose storage was replaced (``p.data = ...``), a new gradient
+pattern (a gradient became None), new state dicts (``load_state_dict``) or other state
+buffers (e.g. ``momentum`` switched on) rebuild the plan.
 """
 import operator
 from itertools import repeat
@@ -58,9 +62,13 @@ class Part:
             self.units, self.unit_tensor = units.table(rows, slots, refs)
 
     def set_grads(self, gptrs, grads, units):
+        """Point the gradient slot at ``gptrs`` (None: clear it)."""
         self.table.set_slot_addresses(1, _take(gptrs, self.rows), grads)
-        if units is not None:
-            units.set_grads(self.units, self.rows, gptrs, grads)
+        if self.units is not None:
+            if gptrs is None:
+                self.units.set_slot_addresses(1, None, None)
+            else:
+                units.set_grads(self.units, self.rows, gptrs, grads)
 
     def sums(self, acc_slot):
         return _fused.sums(self.table, self.units, self.unit_tensor, acc_slot)
@@ -130,6 +138,7 @@ class Plan:
         self.gi = gi
         self.group_params = list(ps)
         self.mask = tuple(map(_is, grads, repeat(None)))
+        self.dense = not any(self.mask)
         self.js = [j for j, g in enumerate(grads) if g is not None]
         self.params = [ps[j] for j in self.js]
         self.grads = [grads[j] for j in self.js]
@@ -146,7 +155,8 @@ class Plan:
         self.contiguous = all(map(_contiguous, self.params))
         self.strides = list(map(_stride, self.params))
         self.lengths = tt.lengths(self.params)
-        self.pptrs = _pointers(self.params)
+        self.pptr_list = list(map(_ptr, self.params))
+        self.pptrs = np.array(self.pptr_list, dtype=np.uint64).reshape(-1)
         self.gptrs = _pointers(self.grads)
         # existing state: every buffer this configuration needs, in the parameter's shape
         self.fresh = []
@@ -187,17 +197,19 @@ class Plan:
         ps = group["params"]
         return (state_names == self.state_names and len(ps) == len(self.group_params)
                 and all(map(_is, ps, self.group_params))
-                and tuple(map(_is, grads, repeat(None))) == self.mask)
+                and (not any(map(_is, grads, repeat(None))) if self.dense
+                     else tuple(map(_is, grads, repeat(None))) == self.mask))
 
     def refresh(self, grads):
-        """Check this step's gradients; return the pending ``(grads, pointers)`` when they
-        are new objects, None when nothing changed, or False when a storage changed (the
-        plan must be rebuilt). Raises naming the first bad gradient; writes nothing."""
+        """Check this step's gradients; return ``(grads, pointers)`` for :meth:`set_grads`,
+        or False when a parameter's storage changed (``p.data = ...``: rebuild the plan).
+        Raises naming the first bad gradient; writes nothing."""
         gs = grads if len(self.js) == len(grads) else [grads[j] for j in self.js]
-        if not np.array_equal(_pointers(self.params), self.pptrs):
+        if list(map(_ptr, self.params)) != self.pptr_list:
             return False
-        if all(map(_is, gs, self.grads)):
-            return None if np.array_equal(_pointers(gs), self.gptrs) else False
+        # torch's grad setter and autograd guarantee the parameter's dtype, device and shape;
+        # not its strides, nor a dense layout (a sparse tensor raises on is_contiguous,
+        # stride and data_ptr)
         try:
             ok = (all(map(_contiguous, gs)) if self.contiguous
                   else list(map(_stride, gs)) == self.strides)
@@ -213,9 +225,17 @@ class Plan:
         return gs, gptrs
 
     def set_grads(self, pending):
+        """Point every table's gradient slot at this step's gradients."""
         self.grads, self.gptrs = pending
         for part in self.parts:
             part.set_grads(self.gptrs, self.grads, self.units)
+
+    def release(self):
+        """Forget the gradients after the step, so that ``zero_grad()`` frees them: the
+        tables keep no reference (and no address) of a gradient between steps."""
+        self.grads = self.gptrs = None
+        for part in self.parts:
+            part.set_grads(None, None, None)
 
     # -- commit ---------------------------------------------------------------------------
 
@@ -245,7 +265,8 @@ class Plan:
             self.scalars[k] = buf
         slots = [self.pptrs, self.gptrs, None]
         slots += [None if s is None else _pointers([st[s] for st in states]) for s in self.state_names]
-        refs = (self.params, self.grads, states)
+        # the tables own what they address (the gradients' slot gets its own refs per step)
+        refs = (self.params, [st[s] for st in states for s in self.state_names if s is not None])
         by_key = {}
         for i, k in enumerate(keys):
             by_key.setdefault(k, []).append(i)
@@ -255,6 +276,7 @@ class Plan:
             self.parts = [Part(np.asarray(rows, dtype=np.int64), k, self.lengths, slots, refs,
                                self.units) for k, rows in by_key.items()]
         self.committed = True
+        self.set_grads((self.grads, self.gptrs))
 
     def advance(self, opt):
         """After an applied step: every part's key moves on to its ``next_key`` (step + 1, the

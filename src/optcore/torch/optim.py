@@ -31,9 +31,16 @@ be dense. Anything else raises TypeError/ValueError naming the group and paramet
 before anything of the step is written. ``capturable=True`` and ``differentiable=True`` are
 refused; ``foreach`` and ``fused`` are accepted and ignored (optcore is always one fused
 call).
+
+The kernel tables are cached between steps and rebuilt when a parameter's storage, the set
+of parameters with a gradient or a parameter's state dict changes (``load_state_dict``,
+``opt.state[p] = {...}`` as ``ZeroRedundancyOptimizer`` does, or a new ``opt.state``).
+Replacing one tensor inside a state dict (``opt.state[p]["exp_avg"] = t``) is not seen:
+assign the whole dict instead. Per-parameter ``step`` (and NAdam's ``mu_product``) tensors
+are 0-d views of one float32 buffer per group, so that one write per step updates them all.
 """
-import math
 import operator
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -48,6 +55,38 @@ __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
 
 _grad = operator.attrgetter("grad")
 _increment_version = torch._C._increment_version
+
+
+class _State(defaultdict):
+    """``opt.state``: torch's ``defaultdict(dict)`` that counts how often a parameter's state
+    dict is set or removed (``load_state_dict``, ``ZeroRedundancyOptimizer.load_state_dict``
+    assigns ``optim.state[p]``), so that the cached kernel tables notice new state tensors."""
+
+    def __init__(self, default_factory=dict, *args):
+        super().__init__(default_factory, *args)
+        self.version = 0
+
+    def __setitem__(self, key, value):
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self.version += 1
+        super().__delitem__(key)
+
+    def _changed(name):
+        def method(self, *args, **kwargs):
+            self.version += 1
+            return getattr(defaultdict, name)(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    pop = _changed("pop")
+    popitem = _changed("popitem")
+    clear = _changed("clear")
+    update = _changed("update")
+    setdefault = _changed("setdefault")
+    del _changed
 
 
 class _Optimizer(torch.optim.Optimizer):
@@ -68,6 +107,8 @@ class _Optimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._checked_hyper(defaults, "the defaults")
         super().__init__(params, defaults)
+        self.state = _State(dict, self.state)
+        self._state_version = None
 
     # -- torch.optim.Optimizer plumbing ---------------------------------------------------
 
@@ -88,6 +129,8 @@ class _Optimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("last_result", None)
         self._unit_tables = isinstance(self.clip, _clip.Adaptive)
         # new state tensors (load_state_dict): every table is rebuilt at the next step
+        self.state = _State(dict, self.state)
+        self._state_version = None
         self._plans = [None] * len(self.param_groups)
 
     def add_param_group(self, param_group):
@@ -128,12 +171,6 @@ class _Optimizer(torch.optim.Optimizer):
 
     def _init_state(self, group):
         """State a rule creates at construction (Adagrad); none by default."""
-
-    def load_state_dict(self, state_dict):
-        """Load a state saved by ``state_dict()`` of this class or of the torch.optim class of
-        the same name (and the reverse: torch's ``load_state_dict`` takes this class's
-        state); the kernel tables are rebuilt at the next step."""
-        super().load_state_dict(state_dict)
 
     # -- hyper-parameters -----------------------------------------------------------------
 
@@ -196,6 +233,10 @@ class _Optimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         # validate everything before writing anything
+        if type(self.state) is not _State:  # opt.state was replaced as a whole
+            self.state = _State(dict, self.state)
+        if self.state.version != self._state_version:  # a parameter's state was replaced
+            self._plans = [None] * len(self.param_groups)
         work = []
         for gi, group in enumerate(self.param_groups):
             h = self._checked_hyper(group, f"param_groups[{gi}]")
@@ -213,20 +254,30 @@ class _Optimizer(torch.optim.Optimizer):
             if not plan.committed:
                 plan.commit(self, self.param_groups[gi])
                 self._plans[gi] = plan
-            elif pending is not None:
+            else:
                 plan.set_grads(pending)
+        self._state_version = self.state.version
+        try:
+            self.last_result = self._update(work, grad_scale, found_inf)
+        finally:
+            for plan, _, _ in work:
+                plan.release()
+        return loss
+
+    def _update(self, work, grad_scale, found_inf):
+        """Everything of the step after validation: the scaler's skip, the norm pass and
+        clipping decision, one kernel call per part; returns the StepResult."""
         loss_scale = None if grad_scale is None else float(grad_scale)
         if found_inf is not None and float(found_inf) != 0.0:
-            return self._skipped(loss, loss_scale)
+            return self._skipped(loss_scale)
         parts = [part for plan, _, _ in work for part in plan.parts]
         if not parts:
-            self.last_result = StepResult(None, 1.0, False, loss_scale, False)
-            return loss
+            return StepResult(None, 1.0, False, loss_scale, False)
         mult = 1.0 if grad_scale is None else 1.0 / loss_scale
         d = _fused.decide(parts, self.clip, self.nonfinite, mult,
                           name_of=lambda i: self._tensor_name(work, i))
         if d is None:
-            return self._skipped(loss, loss_scale)
+            return self._skipped(loss_scale)
         k = 0
         for plan, _, h in work:
             decoupled = self.rule.decoupled(h)
@@ -242,14 +293,11 @@ class _Optimizer(torch.optim.Optimizer):
                 k += 1
             plan.advance(self)
             _increment_version(plan.params)
-        self.last_result = StepResult(d.grad_norm, d.clip_factor, False, loss_scale, True)
-        return loss
+        return StepResult(d.grad_norm, d.clip_factor, False, loss_scale, True)
 
-    def _skipped(self, loss, loss_scale):
+    def _skipped(self, loss_scale):
         self.skipped_steps += 1
-        self.last_result = StepResult(None, 1.0, True, loss_scale, False)
-        return loss
-
+        return StepResult(None, 1.0, True, loss_scale, False)
     @staticmethod
     def _tensor_name(work, i):
         for plan, _, _ in work:
@@ -380,9 +428,10 @@ class Adam(_Optimizer):
         \theta \text{ when decoupled}), \quad m \leftarrow \beta_1 m + (1-\beta_1) g, \quad
         v \leftarrow \beta_2 v + (1-\beta_2) g^2,
 
-    :math:`\hat v = \max(\hat v, v)` with ``amsgrad``, and
     :math:`\theta \leftarrow \theta - \frac{\gamma}{1-\beta_1^t}\,
-    \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}`, ``t`` the parameter's own step count.
+    \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}`, ``t`` the parameter's own step count;
+    with ``amsgrad``, :math:`\hat v \leftarrow \max(\hat v, v)` takes the place of ``v`` in
+    the denominator.
     State ``step`` (0-d float32 tensor), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``
     (amsgrad), as torch; ``betas`` and ``lr`` may be tensors or change every step
     (schedulers). Switching ``amsgrad`` on after the first step raises ValueError (torch
