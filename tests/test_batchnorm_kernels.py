@@ -456,12 +456,15 @@ BAD_CALLS = {
 }
 
 
+def assert_rejected(exc, match, call, buffers):
+    """``call(buffers)`` raises ``exc`` matching ``match`` and changes none of ``buffers``."""
+    before = {k: v.copy() for k, v in buffers.items()}
+    with pytest.raises(exc, match=match):
+        call(buffers)
+    for k, v in buffers.items():
+        assert v.tobytes() == before[k].tobytes(), f"{k} changed"
+
+
 @pytest.mark.parametrize("case", list(BAD_CALLS))
 def test_bad_input_raises_and_writes_nothing(case, rng):
-    exc, match, call = BAD_CALLS[case]
-    b = _buffers(rng)
-    before = {k: v.copy() for k, v in b.items()}
-    with pytest.raises(exc, match=match):
-        call(b)
-    for k, v in b.items():
-        assert v.tobytes() == before[k].tobytes(), f"{k} changed"
+    assert_rejected(*BAD_CALLS[case], _buffers(rng))

@@ -91,15 +91,31 @@ def _bn_eps(eps):
     return ck.in_range("eps", eps, 0.0, np.inf, lo_open=True, hi_open=True)
 
 
-def _bn_split(mean):
-    """The float32 shift ``hi`` nearest the float64 ``mean`` and the float64 rest
-    ``mean - hi``, which the callers fold into their per-channel constants."""
-    hi = mean.astype(np.float32)
-    return hi, mean - hi
+def _bn_activation(activation):
+    """Check ``activation`` (None or "relu"); return whether ReLU is fused."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation == "relu":
+        return True
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+
+
+def _bn_mask(y, x, relu):
+    """Check the forward output ``y`` a fused-ReLU backward masks with; None without ReLU."""
+    if not relu:
+        if y is not None:
+            raise ValueError("y (the forward output) is only used with activation='relu'")
+        return None
+    if y is None:
+        raise ValueError("activation='relu' needs y, the output of the forward pass")
+    ck.float32_buffer("y", y, writeable=False)
+    if y.shape != x.shape:
+        raise ValueError(f"y must have the shape of x {x.shape}, got {y.shape}")
+    return y
 
 
 def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, running_mean=None,
-                      running_var=None, momentum=0.1):
+                      running_var=None, momentum=0.1, activation=None):
     r"""Batch normalization in training mode: normalize with the batch statistics.
 
     For each channel :math:`c`, over the :math:`n` values of that channel (the batch and, for
@@ -119,7 +135,8 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
         \hat\mu_c \leftarrow (1 - m)\,\hat\mu_c + m\,\mu_c,\qquad
         \hat\sigma_c^2 \leftarrow (1 - m)\,\hat\sigma_c^2 + m\,\frac{n}{n - 1}\,\sigma_c^2
 
-    with :math:`m` = ``momentum``.
+    with :math:`m` = ``momentum``. With ``activation="relu"`` the same sweep writes
+    :math:`\max(y_{ic}, 0)` (batch norm followed by ReLU, one sweep less than the pair).
 
     Parameters
     ----------
@@ -141,11 +158,14 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
         float32 running statistics, updated in place (give both or neither).
     momentum : float in [0, 1]
         Weight of the batch statistic in the running update (torch's convention).
+    activation : {None, "relu"}
+        Fuse a ReLU into the output sweep: ``y = max(y, 0)`` (``y > 0`` decides, so a NaN
+        becomes 0). Pass the same value and ``y`` to :func:`batchnorm_backward`.
 
     Returns
     -------
     y : ndarray
-        The normalized output (``out`` when given).
+        The normalized output (``out`` when given), after the activation.
     mean, invstd : ndarray of shape (C,), float64
         :math:`\mu` and :math:`r`, saved for :func:`batchnorm_backward`. Kept in float64 so that
         the backward pass centers ``x`` as accurately as the forward pass.
@@ -187,6 +207,7 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
     rows, C, S, planar = _bn_inputs(x, gamma, beta, layout)
     eps = _bn_eps(eps)
     momentum = ck.in_range("momentum", momentum, 0.0, 1.0)
+    relu = _bn_activation(activation)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     if running_mean is not None:
@@ -201,19 +222,26 @@ def batchnorm_forward(x, gamma, beta, *, eps=1e-5, layout="NC", out=None, runnin
     y = _bn_out("out", out, x)
     _bn_no_alias({"out": y, "running_mean": running_mean, "running_var": running_var},
                  {"x": x, "gamma": gamma, "beta": beta})
-    mean = np.empty(C)
-    var = np.empty(C)
-    _bn.stats(x.reshape(-1), rows, C, S, planar, mean, var)
-    invstd = 1.0 / np.sqrt(var + eps)
-    a = invstd if gamma is None else gamma * invstd
-    hi, rest = _bn_split(mean)
-    b = -rest * a if beta is None else beta - rest * a
-    _bn.apply(x.reshape(-1), rows, C, S, planar, hi, a.astype(np.float32), b.astype(np.float32),
-              y.reshape(-1))
+    mean, var, invstd = forward_unchecked(x, gamma, beta, (rows, C, S, planar), eps, y, relu)
     if running_mean is not None:
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-        running_var[...] = (1.0 - momentum) * running_var + momentum * (var * (n / (n - 1)))
+        update_running(running_mean, running_var, mean, var, n, momentum)
     return y, mean, invstd
+
+
+def forward_unchecked(x, gamma, beta, geometry, eps, y, relu):
+    """The training forward on checked buffers (``geometry`` from :func:`_bn_geometry`):
+    writes ``y``, returns ``(mean, var, invstd)`` in float64. Shared with ``optcore.torch``."""
+    rows, C, S, planar = geometry
+    mean, var, invstd = np.empty(C), np.empty(C), np.empty(C)
+    _bn.train_forward(x.reshape(-1), rows, C, S, planar, gamma, beta, eps, y.reshape(-1), relu,
+                      mean, var, invstd)
+    return mean, var, invstd
+
+
+def update_running(running_mean, running_var, mean, var, n, momentum):
+    """torch's running update, in place: ``(1 - m) * running + m * batch`` with the unbiased
+    variance ``var * n / (n - 1)``."""
+    _bn.running_update(running_mean, running_var, mean, var, n, momentum)
 
 
 def _bn_inference_coefs(gamma, beta, running_mean, running_var, eps):
@@ -224,7 +252,7 @@ def _bn_inference_coefs(gamma, beta, running_mean, running_var, eps):
 
 
 def batchnorm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5, layout="NC",
-                        out=None):
+                        out=None, activation=None):
     r"""Batch normalization in inference mode: one fused sweep ``y = x * a + b``.
 
     .. math::
@@ -235,7 +263,8 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5, 
     float64 and rounded to float32 once; the sweep reads ``x`` once and writes ``y`` once (the
     copy bandwidth pattern). This is the same affine map that
     :meth:`optcore.BatchNorm.fold_into` folds into the previous layer, and the one torch
-    uses; like it, it loses accuracy when :math:`|\hat\mu| \gg \hat\sigma`.
+    uses; like it, it loses accuracy when :math:`|\hat\mu| \gg \hat\sigma`. With
+    ``activation="relu"`` the sweep writes :math:`\max(y_{ic}, 0)`.
 
     Parameters
     ----------
@@ -251,6 +280,8 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5, 
     layout : {"NC", "NCHW", "NHWC"}
     out : ndarray, optional
         float32 output shaped like ``x`` that shares no memory with an input.
+    activation : {None, "relu"}
+        Fuse a ReLU into the sweep (see :func:`batchnorm_forward`).
 
     Returns
     -------
@@ -261,16 +292,23 @@ def batchnorm_inference(x, gamma, beta, running_mean, running_var, *, eps=1e-5, 
     Ioffe, Szegedy, ICML 2015, algorithm 2; ``torch.nn.functional.batch_norm`` with
     ``training=False``.
     """
-    rows, C, S, planar = _bn_inputs(x, gamma, beta, layout)
-    _bn_channel("running_mean", running_mean, C)
-    _bn_channel("running_var", running_var, C)
+    geometry = _bn_inputs(x, gamma, beta, layout)
+    _bn_channel("running_mean", running_mean, geometry[1])
+    _bn_channel("running_var", running_var, geometry[1])
     eps = _bn_eps(eps)
+    relu = _bn_activation(activation)
     y = _bn_out("out", out, x)
     _bn_no_alias({"out": y}, {"x": x, "gamma": gamma, "beta": beta, "running_mean": running_mean,
                               "running_var": running_var})
-    _, a, b = _bn_inference_coefs(gamma, beta, running_mean, running_var, eps)
-    _bn.apply(x.reshape(-1), rows, C, S, planar, None, a, b, y.reshape(-1))
+    inference_unchecked(x, gamma, beta, running_mean, running_var, geometry, eps, y, relu)
     return y
+
+
+def inference_unchecked(x, gamma, beta, running_mean, running_var, geometry, eps, y, relu):
+    """The inference forward on checked buffers: writes ``y``. Shared with ``optcore.torch``."""
+    rows, C, S, planar = geometry
+    _, a, b = _bn_inference_coefs(gamma, beta, running_mean, running_var, eps)
+    _bn.apply(x.reshape(-1), rows, C, S, planar, None, a, b, y.reshape(-1), relu)
 
 
 def _bn_backward_buffers(dy, x, gamma, layout, dx, dgamma, dbeta):
@@ -293,7 +331,7 @@ def _bn_backward_buffers(dy, x, gamma, layout, dx, dgamma, dbeta):
 
 
 def batchnorm_backward(dy, x, gamma, mean, invstd, *, layout="NC", dx=None, dgamma=None,
-                       dbeta=None):
+                       dbeta=None, activation=None, y=None):
     r"""Gradient of :func:`batchnorm_forward` (training mode): two sweeps over memory.
 
     With :math:`\hat x_{ic} = (x_{ic} - \mu_c)\, r_c` and :math:`n` values per channel, the
@@ -307,6 +345,10 @@ def batchnorm_backward(dy, x, gamma, mean, invstd, *, layout="NC", dx=None, dgam
         dx_{ic} = \gamma_c\, r_c \left(dy_{ic}
             - \frac1n \frac{\partial L}{\partial \beta_c}
             - \hat x_{ic}\, \frac1n \frac{\partial L}{\partial \gamma_c}\right)
+
+    With ``activation="relu"`` (the gradient of ``max(BN(x), 0)``), :math:`dy` is first
+    replaced by :math:`dy_{ic}\,[y_{ic} > 0]` with :math:`y` the forward output, in both
+    sweeps: no extra pass over memory, one less than ReLU's backward followed by this one.
 
     Parameters
     ----------
@@ -325,6 +367,11 @@ def batchnorm_backward(dy, x, gamma, mean, invstd, *, layout="NC", dx=None, dgam
     dgamma, dbeta : ndarray of shape (C,), optional
         float32 outputs, overwritten (not accumulated): e.g. ``params.grads["bn1.weight"]``
         views of a :class:`~optcore.Parameters` gradient arena. Allocated when omitted.
+    activation : {None, "relu"}
+        The activation fused into the forward pass.
+    y : ndarray, optional
+        With ``activation="relu"``: the forward output (float32, shape of ``x``, read only),
+        whose positive entries let the gradient through.
 
     Returns
     -------
@@ -346,29 +393,27 @@ def batchnorm_backward(dy, x, gamma, mean, invstd, *, layout="NC", dx=None, dgam
                                                                    dgamma, dbeta)
     mean = _bn_channel("mean", mean, C, allow_float64=True)
     invstd = _bn_channel("invstd", invstd, C, allow_float64=True)
+    mask = _bn_mask(y, x, _bn_activation(activation))
     _bn_no_alias({"dx": dx, "dgamma": dgamma, "dbeta": dbeta},
-                 {"dy": dy, "x": x, "gamma": gamma, "mean": mean, "invstd": invstd})
-    mean = mean.astype(np.float64)
-    invstd = invstd.astype(np.float64)
-    n = rows * S
-    hi, rest = _bn_split(mean)
-    sum_dy = np.empty(C)
-    sum_dy_xmu = np.empty(C)
-    _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, sum_dy, sum_dy_xmu)
-    sum_dy_xmu -= rest * sum_dy  # sums of dy * (x - hi) -> dy * (x - mean)
-    g = invstd if gamma is None else gamma * invstd
-    k2 = g * invstd * invstd * (sum_dy_xmu / n)
-    k3 = g * (sum_dy / n) - rest * k2  # (x - mean) * k2 = (x - hi) * k2 - rest * k2
-    _bn.dx(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, hi, g.astype(np.float32),
-           k2.astype(np.float32), k3.astype(np.float32), dx.reshape(-1))
-    if gamma is not None:
-        dgamma[...] = sum_dy_xmu * invstd
-        dbeta[...] = sum_dy
+                 {"dy": dy, "x": x, "gamma": gamma, "mean": mean, "invstd": invstd, "y": mask})
+    backward_unchecked(dy, x, gamma, mean.astype(np.float64), invstd.astype(np.float64),
+                       (rows, C, S, planar), dx, dgamma, dbeta, mask)
     return dx, dgamma, dbeta
 
 
+def backward_unchecked(dy, x, gamma, mean, invstd, geometry, dx, dgamma, dbeta, mask):
+    """The training backward on checked buffers (``mean``, ``invstd`` float64; ``mask`` the
+    fused-ReLU forward output or None): writes ``dx`` and, when given, ``dgamma``, ``dbeta``.
+    Shared with ``optcore.torch``."""
+    rows, C, S, planar = geometry
+    _bn.train_backward(dy.reshape(-1), x.reshape(-1), None if mask is None else mask.reshape(-1),
+                       rows, C, S, planar, gamma, mean, invstd,
+                       None if dx is None else dx.reshape(-1), dgamma, dbeta)
+
+
 def batchnorm_inference_backward(dy, x, gamma, running_mean, running_var, *, eps=1e-5,
-                                 layout="NC", dx=None, dgamma=None, dbeta=None):
+                                 layout="NC", dx=None, dgamma=None, dbeta=None, activation=None,
+                                 y=None):
     r"""Gradient of :func:`batchnorm_inference` (frozen statistics, e.g. fine-tuning).
 
     With :math:`r_c = 1/\sqrt{\hat\sigma_c^2 + \epsilon}` constant:
@@ -380,8 +425,9 @@ def batchnorm_inference_backward(dy, x, gamma, running_mean, running_var, *, eps
 
     ``dx`` is one sweep (``dy`` read, ``dx`` written); the two sums, only when ``gamma`` is
     given, are one more read of ``dy`` and ``x``. Arguments are as in
-    :func:`batchnorm_backward`, with the running statistics (float32, read only) and ``eps``
-    in place of ``mean`` and ``invstd``.
+    :func:`batchnorm_backward` (``activation="relu"`` with ``y`` masks :math:`dy` by
+    :math:`y > 0`), with the running statistics (float32, read only) and ``eps`` in place of
+    ``mean`` and ``invstd``.
 
     Returns
     -------
@@ -397,18 +443,31 @@ def batchnorm_inference_backward(dy, x, gamma, running_mean, running_var, *, eps
     _bn_channel("running_mean", running_mean, C)
     _bn_channel("running_var", running_var, C)
     eps = _bn_eps(eps)
+    mask = _bn_mask(y, x, _bn_activation(activation))
     _bn_no_alias({"dx": dx, "dgamma": dgamma, "dbeta": dbeta},
                  {"dy": dy, "x": x, "gamma": gamma, "running_mean": running_mean,
-                  "running_var": running_var})
+                  "running_var": running_var, "y": mask})
+    inference_backward_unchecked(dy, x, gamma, running_mean, running_var, (rows, C, S, planar),
+                                 eps, dx, dgamma, dbeta, mask)
+    return dx, dgamma, dbeta
+
+
+def inference_backward_unchecked(dy, x, gamma, running_mean, running_var, geometry, eps, dx,
+                                 dgamma, dbeta, mask):
+    """The inference backward on checked buffers: writes ``dx`` and, when given, ``dgamma``,
+    ``dbeta``. Shared with ``optcore.torch``."""
+    rows, C, S, planar = geometry
     invstd, a, _ = _bn_inference_coefs(gamma, None, running_mean, running_var, eps)
-    if gamma is not None:
+    m = None if mask is None else mask.reshape(-1)
+    if dgamma is not None or dbeta is not None:
         sum_dy = np.empty(C)
         sum_dy_xmu = np.empty(C)
         _bn.backward_sums(dy.reshape(-1), x.reshape(-1), rows, C, S, planar, running_mean,
-                          sum_dy, sum_dy_xmu)
-    _bn.apply(dy.reshape(-1), rows, C, S, planar, None, a, np.zeros(C, np.float32),
-              dx.reshape(-1))
-    if gamma is not None:
-        dgamma[...] = sum_dy_xmu * invstd
-        dbeta[...] = sum_dy
-    return dx, dgamma, dbeta
+                          sum_dy, sum_dy_xmu, m)
+        if dgamma is not None:
+            dgamma[...] = sum_dy_xmu * invstd
+        if dbeta is not None:
+            dbeta[...] = sum_dy
+    if dx is not None:
+        _bn.apply(dy.reshape(-1), rows, C, S, planar, None, a, np.zeros(C, np.float32),
+                  dx.reshape(-1), False, m)

@@ -57,11 +57,50 @@ def _positive(text):
     return int(text)
 
 
+def _bench_training(args):
+    """``optcore bench --training``: whole training steps of torch models (needs torch)."""
+    import json
+
+    try:
+        from optcore.torch import training
+    except ImportError as exc:
+        raise ValueError(f"--training needs PyTorch: {exc}") from exc
+    optimizers = args.optimizers or list(training.OPTIMIZERS)
+    unknown = [o for o in optimizers if o not in training.OPTIMIZERS]
+    if unknown:
+        raise ValueError(f"--training runs {', '.join(training.OPTIMIZERS)}; not {unknown}")
+    models = args.models or list(training.MODELS)
+    unknown = [m for m in models if m not in training.MODELS]
+    if unknown:
+        raise ValueError(f"--models: choose from {', '.join(training.MODELS)}; not {unknown}")
+    threads = args.threads or [2]
+    if len(threads) != 1:
+        raise ValueError("--training takes one thread count")
+    if args.json:
+        open(args.json, "a").close()
+
+    def progress(msg):
+        if not args.no_progress:
+            print(f"  measuring {msg} ...", file=sys.stderr, flush=True)
+
+    result = training.run(models=models, optimizers=optimizers, threads=threads[0],
+                          steps=args.steps or (6 if args.quick else 20),
+                          warmup=2 if args.quick else 5, quick=args.quick, progress=progress)
+    print(training.format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0 if result["losses_agree"] else 1
+
+
 def _bench(args):
     import json
 
     from optcore import bench
 
+    if args.training:
+        return _bench_training(args)
     quick = args.quick
     sizes = args.sizes or [bench.parse_size(s) for s in (
         ("1M", "1000x1000") if quick else ("1M", "16M", "resnet50", "1000x1000", "flat:1000x1000"))]
@@ -237,6 +276,14 @@ def build_parser():
     p.add_argument("--no-torch", action="store_true", help="skip torch even when installed")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.add_argument("--json", metavar="FILE", help="also write the probe and rows as JSON")
+    p.add_argument("--training", action="store_true",
+                   help="instead: whole training steps (ResNet-18-style CNN, MLP) with torch, "
+                        "optcore's optimizers, batch norm and fused BN+ReLU (needs torch; "
+                        "default 2 threads, --quick: tiny models)")
+    p.add_argument("--models", type=lambda t: _list(t, str, "models"), metavar="NAME[,NAME...]",
+                   help="with --training: subset of resnet18,resnet18-cl,mlp (default: all)")
+    p.add_argument("--steps", type=_positive, metavar="N",
+                   help="with --training: steps per variant, the first 5 untimed (default 20)")
     p.set_defaults(func=_bench)
     _add_compare(sub)
     return parser

@@ -27,6 +27,10 @@
  * |mean| >> std.
  *
  * Element-wise sweeps run in parallel over row tiles (rows layout) or plane segments (planar).
+ *
+ * Fused ReLU: the forward sweep can write max(y, 0) (the comparison y > 0 keeps 0 for a NaN), and
+ * the backward sums and dx sweep can take a mask m (the forward output): dy counts as 0 where
+ * m is not > 0, so the gradient of ReLU(BN(x)) costs the same two sweeps as that of BN(x).
  * Every parallel driver is compiled for AVX-512, AVX2 and baseline x86-64 (OC_CLONES).
  */
 #ifndef OC_BATCHNORM_H
@@ -65,6 +69,11 @@ OC_AI void oc_bn_terms(int mode, float x, float dy, float hi, float *v1, float *
     else { *v1 = dy; *v2 = dy * d; }
 }
 
+/* dy where the mask m (the forward output of BN + ReLU) is > 0, else 0; dy itself without a mask. */
+OC_AI float oc_bn_gate(const float *m, int64_t i, float dy) {
+    return m == NULL || m[i] > 0.0f ? dy : 0.0f;
+}
+
 /* ---- reductions ------------------------------------------------------------------------ */
 
 /* 16 float32 lanes as one GCC vector: the target_clones variants lower it to their registers
@@ -73,10 +82,18 @@ OC_AI void oc_bn_terms(int mode, float x, float dy, float hi, float *v1, float *
 typedef float oc_v16f __attribute__((vector_size(64)));
 typedef float oc_v8f __attribute__((vector_size(32)));
 typedef double oc_v8d __attribute__((vector_size(64)));
+typedef int32_t oc_v16i __attribute__((vector_size(64)));
 
 /* Vectors wider than the baseline registers travel through pointers, never by value (no ABI
  * differences between the clones); everything here is inlined anyway. */
 #define OC_V16_LOAD(v, p) memcpy(&(v), (p), sizeof(oc_v16f))
+
+/* *g kept where the 16 mask values at p are > 0, else 0 (a bitwise and with the comparison). */
+OC_AI void oc_v16_gate(oc_v16f *g, const float *p) {
+    oc_v16f m;
+    OC_V16_LOAD(m, p);
+    *g = (oc_v16f)((oc_v16i)*g & (m > (oc_v16f){0}));
+}
 
 /* Float64 lanes of the two sums: lanes 0-7 in [0], 8-15 in [1]. */
 typedef struct { oc_v8d s1[2], s2[2]; } oc_bn_lanes;
@@ -96,9 +113,10 @@ OC_AI double oc_bn_lane_sum(const oc_v8d *f) {
     return (b0 + b2) + (b1 + b3);
 }
 
-/* Add the sums of one contiguous run of n elements (one channel) to the float64 lanes. */
-OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, float hi,
-                          oc_bn_lanes *F) {
+/* Add the sums of one contiguous run of n elements (one channel) to the float64 lanes; in mode 1,
+ * dy is gated by the mask m when m is not NULL. */
+OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, const float *m, int64_t n,
+                          float hi, oc_bn_lanes *F) {
     const oc_v16f vh = hi - (oc_v16f){0};
     int64_t i = 0;
     while (i + OC_BN_LANES <= n) {
@@ -113,11 +131,21 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
                 l1 += d;
                 l2 += d * d;
             }
+        } else if (m == NULL) {
+            for (; i < end; i += OC_BN_LANES) {
+                oc_v16f d, g;
+                OC_V16_LOAD(d, x + i);
+                OC_V16_LOAD(g, dy + i);
+                d = d - vh;
+                l1 += g;
+                l2 += g * d;
+            }
         } else {
             for (; i < end; i += OC_BN_LANES) {
                 oc_v16f d, g;
                 OC_V16_LOAD(d, x + i);
                 OC_V16_LOAD(g, dy + i);
+                oc_v16_gate(&g, m + i);
                 d = d - vh;
                 l1 += g;
                 l2 += g * d;
@@ -130,7 +158,7 @@ OC_AI void oc_bn_run_sums(int mode, const float *x, const float *dy, int64_t n, 
         oc_v16f l1 = {0}, l2 = {0};
         for (int j = 0; i < n; i++, j++) {
             float v1, v2;
-            oc_bn_terms(mode, x[i], dy == NULL ? 0.0f : dy[i], hi, &v1, &v2);
+            oc_bn_terms(mode, x[i], dy == NULL ? 0.0f : oc_bn_gate(m, i, dy[i]), hi, &v1, &v2);
             l1[j] = v1;
             l2[j] = v2;
         }
@@ -174,7 +202,7 @@ OC_AI void oc_bn_fold_to(double *d, const oc_v16f *l) {
  * same float32-then-float64 structure. At the end, tile position k*C + c folds into channel c in
  * order of k. */
 OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
-                           const float *hi, int64_t kr, int64_t r0, int64_t r1,
+                           const float *m, const float *hi, int64_t kr, int64_t r0, int64_t r1,
                            double *p1, double *p2, double *d1, double *d2) {
     const int64_t C = sh->C, T = kr * C, T16 = (T / OC_BN_LANES) * OC_BN_LANES;
     const int64_t block = (mode == 0 ? OC_BN_STREAMS : OC_BN_STREAMS / 2) * kr;  /* rows */
@@ -183,6 +211,7 @@ OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, cons
         const int64_t rbe = rb + block < r1 ? rb + block : r1;
         const int64_t nfull = (rbe - rb) / kr, rem = (rbe - rb) - nfull * kr;
         const float *xb = x + rb * C, *gb = dy == NULL ? NULL : dy + rb * C;
+        const float *mb = m == NULL ? NULL : m + rb * C;
         for (int64_t i = 0; i < T16; i += OC_BN_LANES) {
             oc_v16f h, l1 = {0}, l2 = {0};
             OC_V16_LOAD(h, hi + i);
@@ -194,11 +223,21 @@ OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, cons
                     l1 += v;
                     l2 += v * v;
                 }
+            } else if (mb == NULL) {
+                for (int64_t t = 0; t < nfull; t++) {
+                    oc_v16f v, g;
+                    OC_V16_LOAD(v, xb + t * T + i);
+                    OC_V16_LOAD(g, gb + t * T + i);
+                    v = v - h;
+                    l1 += g;
+                    l2 += g * v;
+                }
             } else {
                 for (int64_t t = 0; t < nfull; t++) {
                     oc_v16f v, g;
                     OC_V16_LOAD(v, xb + t * T + i);
                     OC_V16_LOAD(g, gb + t * T + i);
+                    oc_v16_gate(&g, mb + t * T + i);
                     v = v - h;
                     l1 += g;
                     l2 += g * v;
@@ -211,7 +250,9 @@ OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, cons
             float s1 = 0.0f, s2 = 0.0f;
             for (int64_t t = 0; t < nfull; t++) {
                 float v1, v2;
-                oc_bn_terms(mode, xb[t * T + i], gb == NULL ? 0.0f : gb[t * T + i], hi[i], &v1, &v2);
+                const int64_t at = t * T + i;
+                oc_bn_terms(mode, xb[at], gb == NULL ? 0.0f : oc_bn_gate(mb, at, gb[at]), hi[i],
+                            &v1, &v2);
                 s1 += v1;
                 s2 += v2;
             }
@@ -221,7 +262,7 @@ OC_AI void oc_bn_rows_item(int mode, const oc_bn_shape *sh, const float *x, cons
         for (int64_t i = 0; i < rem * C; i++) {  /* the tensor's last, partial tile */
             float v1, v2;
             const int64_t at = nfull * T + i;
-            oc_bn_terms(mode, xb[at], gb == NULL ? 0.0f : gb[at], hi[i], &v1, &v2);
+            oc_bn_terms(mode, xb[at], gb == NULL ? 0.0f : oc_bn_gate(mb, at, gb[at]), hi[i], &v1, &v2);
             d1[i] += (double)v1;
             d2[i] += (double)v2;
         }
@@ -257,9 +298,11 @@ static inline void oc_bn_combine(const double *part, int64_t items, int64_t C, d
 }
 
 /* Per-channel sums s1[c], s2[c] (float64) of mode 0 (d, d*d) or mode 1 (dy, dy*d), with
- * d = x - hi[c]. dy is only read in mode 1. Returns 0, or -1 when out of memory. */
+ * d = x - hi[c]. dy and the optional mask m (dy counts only where m > 0) are only read in
+ * mode 1. Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float *x, const float *dy,
-                                    const float *hi, double *s1, double *s2, const oc_exec *ex) {
+                                    const float *m, const float *hi, double *s1, double *s2,
+                                    const oc_exec *ex) {
     const int64_t C = sh->C, total = oc_bn_total(sh);
     if (!sh->planar) {
         const int64_t kr = oc_bn_tile_rows(C), T = kr * C;
@@ -279,7 +322,7 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
             int64_t r0 = it * R, r1 = r0 + R < sh->rows ? r0 + R : sh->rows;
             double *d = (double *)malloc(sizeof(double) * (size_t)(2 * T));
             if (d == NULL) __atomic_store_n(&fail, 1, __ATOMIC_RELAXED);
-            else oc_bn_rows_item(mode, sh, x, dy, H, kr, r0, r1, part + 2 * it * C,
+            else oc_bn_rows_item(mode, sh, x, dy, m, H, kr, r0, r1, part + 2 * it * C,
                                  part + (2 * it + 1) * C, d, d + T);
             free(d);
         });
@@ -308,7 +351,8 @@ OC_CLONES static int oc_bn_sums_run(int mode, const oc_bn_shape *sh, const float
             int64_t off, len;
             oc_bn_unit(sh, segs, p, u % segs, &off, &len);
             oc_bn_lanes F = {{{0}, {0}}, {{0}, {0}}};
-            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, len, hi[c], &F);
+            oc_bn_run_sums(mode, x + off, dy == NULL ? NULL : dy + off, m == NULL ? NULL : m + off,
+                           len, hi[c], &F);
             p1[c] += oc_bn_lane_sum(F.s1);
             p2[c] += oc_bn_lane_sum(F.s2);
         }
@@ -336,7 +380,7 @@ OC_CLONES static int oc_bn_stats_run(const oc_bn_shape *sh, const float *x, doub
     if (hi == NULL || s == NULL) { free(hi); free(s); return -1; }
     for (int64_t c = 0; c < C; c++) hi[c] = sh->planar ? x[c * sh->S] : x[c];
     for (int pass = 0; pass < 2; pass++) {
-        if (oc_bn_sums_run(0, sh, x, NULL, hi, s, s + C, ex) != 0) { free(hi); free(s); return -1; }
+        if (oc_bn_sums_run(0, sh, x, NULL, NULL, hi, s, s + C, ex) != 0) { free(hi); free(s); return -1; }
         int again = 0;
         for (int64_t c = 0; c < C; c++) {
             double m1 = s[c] / n, v = s[C + c] / n - m1 * m1;
@@ -355,66 +399,93 @@ OC_CLONES static int oc_bn_stats_run(const oc_bn_shape *sh, const float *x, doub
 
 /* ---- element-wise sweeps --------------------------------------------------------------- */
 
-/* y = (x - hi[c]) * a[c] + b[c]; with hi = NULL, y = x * a[c] + b[c].
+/* The output of an element-wise sweep: v, clamped at 0 when relu, and 0 where the mask m (when
+ * given) is not > 0. Called with constant relu and m (NULL or not) from the dispatchers below, so
+ * each inner loop is compiled branch-free for its case. */
+OC_AI float oc_bn_act(float v, int relu, const float *m, int64_t i) {
+    if (relu) v = v > 0.0f ? v : 0.0f;
+    if (m != NULL) v = m[i] > 0.0f ? v : 0.0f;
+    return v;
+}
+
+/* A run of n elements: y = act((x - h) * a + b), with h, a, b per element (rows layout tiles,
+ * hs = 1) or one value each (planar, hs = 0: held in registers, as y may alias nothing the
+ * compiler can prove). */
+OC_AI void oc_bn_apply_k(const float *x, const float *h, const float *a, const float *b,
+                         int hs, const float *m, int relu, float *y, int64_t n) {
+    const float h0 = h[0], a0 = a[0], b0 = b[0];
+    for (int64_t i = 0; i < n; i++)
+        y[i] = oc_bn_act((x[i] - (hs ? h[i] : h0)) * (hs ? a[i] : a0) + (hs ? b[i] : b0), relu,
+                         m, i);
+}
+
+OC_AI void oc_bn_apply_seg(const float *x, const float *h, const float *a, const float *b,
+                           int hs, const float *m, int relu, float *y, int64_t n) {
+    if (m != NULL) oc_bn_apply_k(x, h, a, b, hs, m, 0, y, n);
+    else if (relu) oc_bn_apply_k(x, h, a, b, hs, NULL, 1, y, n);
+    else oc_bn_apply_k(x, h, a, b, hs, NULL, 0, y, n);
+}
+
+/* A run of n elements: dx = (gate(dy) * k1 - (x - h) * k2) - k3, per element (hs = 1) or one
+ * value each (hs = 0); gate(dy) is 0 where the mask m (when given) is not > 0. */
+OC_AI void oc_bn_dx_k(const float *dy, const float *x, const float *h, const float *k1,
+                      const float *k2, const float *k3, int hs, const float *m, float *dx,
+                      int64_t n) {
+    const float h0 = h[0], p0 = k1[0], q0 = k2[0], r0 = k3[0];
+    for (int64_t i = 0; i < n; i++)
+        dx[i] = (oc_bn_act(dy[i], 0, m, i) * (hs ? k1[i] : p0)
+                 - (x[i] - (hs ? h[i] : h0)) * (hs ? k2[i] : q0)) - (hs ? k3[i] : r0);
+}
+
+OC_AI void oc_bn_dx_seg(const float *dy, const float *x, const float *h, const float *k1,
+                        const float *k2, const float *k3, int hs, const float *m, float *dx,
+                        int64_t n) {
+    if (m != NULL) oc_bn_dx_k(dy, x, h, k1, k2, k3, hs, m, dx, n);
+    else oc_bn_dx_k(dy, x, h, k1, k2, k3, hs, NULL, dx, n);
+}
+
+/* y = act((x - hi[c]) * a[c] + b[c]); hi = NULL stands for 0 (x - 0 is x exactly). act clamps
+ * at 0 when relu, and gives 0 where the mask m (when not NULL) is not > 0.
  * Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_apply_run(const oc_bn_shape *sh, const float *x, const float *hi,
-                                     const float *a, const float *b, float *y, const oc_exec *ex) {
+                                     const float *a, const float *b, const float *m, int relu,
+                                     float *y, const oc_exec *ex) {
     const int64_t C = sh->C, S = sh->S, total = oc_bn_total(sh);
+    float *zero = (float *)calloc((size_t)(C + 1), sizeof(float));
+    if (zero == NULL) return -1;
+    if (hi == NULL) hi = zero;
     if (!sh->planar) {
         const int64_t kr = oc_bn_tile_rows(C), ntiles = (sh->rows + kr - 1) / kr;
         int fail = 0;
         float *A = oc_bn_replicate(a, C, kr, &fail), *B = oc_bn_replicate(b, C, kr, &fail);
         float *H = oc_bn_replicate(hi, C, kr, &fail);
         if (!fail) {
-            if (hi == NULL) {
-                OC_PARALLEL_FOR(oc_team_size(ex, total), ex, t, ntiles, {
-                    const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
-                    const float *xt = x + r0 * C;
-                    float *yt = y + r0 * C;
-                    for (int64_t i = 0; i < n; i++) yt[i] = xt[i] * A[i] + B[i];
-                });
-            } else {
-                OC_PARALLEL_FOR(oc_team_size(ex, total), ex, t, ntiles, {
-                    const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
-                    const float *xt = x + r0 * C;
-                    float *yt = y + r0 * C;
-                    for (int64_t i = 0; i < n; i++) yt[i] = (xt[i] - H[i]) * A[i] + B[i];
-                });
-            }
+            OC_PARALLEL_FOR(oc_team_size(ex, total), ex, t, ntiles, {
+                const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
+                oc_bn_apply_seg(x + r0 * C, H, A, B, 1, m == NULL ? NULL : m + r0 * C, relu,
+                                y + r0 * C, n);
+            });
         }
-        free(A); free(B); free(H);
+        free(A); free(B); free(H); free(zero);
         return fail ? -1 : 0;
     }
     const int64_t segs = oc_bn_segments(S);
-    if (hi == NULL) {
-        OC_PARALLEL_FOR(oc_team_size(ex, total), ex, u, sh->rows * C * segs, {
-            const int64_t p = u / segs, c = p % C;
-            int64_t off, len;
-            oc_bn_unit(sh, segs, p, u % segs, &off, &len);
-            const float ac = a[c], bc = b[c];
-            const float *xp = x + off;
-            float *yp = y + off;
-            for (int64_t i = 0; i < len; i++) yp[i] = xp[i] * ac + bc;
-        });
-    } else {
-        OC_PARALLEL_FOR(oc_team_size(ex, total), ex, u, sh->rows * C * segs, {
-            const int64_t p = u / segs, c = p % C;
-            int64_t off, len;
-            oc_bn_unit(sh, segs, p, u % segs, &off, &len);
-            const float hc = hi[c], ac = a[c], bc = b[c];
-            const float *xp = x + off;
-            float *yp = y + off;
-            for (int64_t i = 0; i < len; i++) yp[i] = (xp[i] - hc) * ac + bc;
-        });
-    }
+    OC_PARALLEL_FOR(oc_team_size(ex, total), ex, u, sh->rows * C * segs, {
+        const int64_t p = u / segs, c = p % C;
+        int64_t off, len;
+        oc_bn_unit(sh, segs, p, u % segs, &off, &len);
+        oc_bn_apply_seg(x + off, hi + c, a + c, b + c, 0, m == NULL ? NULL : m + off, relu,
+                        y + off, len);
+    });
+    free(zero);
     return 0;
 }
 
-/* Training backward, second pass: dx = dy * k1[c] - (x - hi[c]) * k2[c] - k3[c].
- * Returns 0, or -1 when out of memory. */
+/* Training backward, second pass: dx = dy * k1[c] - (x - hi[c]) * k2[c] - k3[c], with dy taken
+ * as 0 where the mask m (when not NULL) is not > 0. Returns 0, or -1 when out of memory. */
 OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const float *x,
-                                  const float *hi, const float *k1, const float *k2,
-                                  const float *k3, float *dx, const oc_exec *ex) {
+                                  const float *m, const float *hi, const float *k1,
+                                  const float *k2, const float *k3, float *dx, const oc_exec *ex) {
     const int64_t C = sh->C, S = sh->S, total = oc_bn_total(sh);
     if (!sh->planar) {
         const int64_t kr = oc_bn_tile_rows(C), ntiles = (sh->rows + kr - 1) / kr;
@@ -425,10 +496,8 @@ OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const 
         if (!fail) {
             OC_PARALLEL_FOR(oc_team_size(ex, total), ex, t, ntiles, {
                 const int64_t r0 = t * kr, n = (r0 + kr < sh->rows ? kr : sh->rows - r0) * C;
-                const float *xt = x + r0 * C, *gt = dy + r0 * C;
-                float *dt = dx + r0 * C;
-                for (int64_t i = 0; i < n; i++)
-                    dt[i] = (gt[i] * K1[i] - (xt[i] - H[i]) * K2[i]) - K3[i];
+                oc_bn_dx_seg(dy + r0 * C, x + r0 * C, H, K1, K2, K3, 1,
+                             m == NULL ? NULL : m + r0 * C, dx + r0 * C, n);
             });
         }
         free(H); free(K1); free(K2); free(K3);
@@ -439,10 +508,8 @@ OC_CLONES static int oc_bn_dx_run(const oc_bn_shape *sh, const float *dy, const 
         const int64_t p = u / segs, c = p % C;
         int64_t off, len;
         oc_bn_unit(sh, segs, p, u % segs, &off, &len);
-        const float hc = hi[c], a = k1[c], b = k2[c], e = k3[c];
-        const float *xp = x + off, *gp = dy + off;
-        float *dp = dx + off;
-        for (int64_t i = 0; i < len; i++) dp[i] = (gp[i] * a - (xp[i] - hc) * b) - e;
+        oc_bn_dx_seg(dy + off, x + off, hi + c, k1 + c, k2 + c, k3 + c, 0,
+                     m == NULL ? NULL : m + off, dx + off, len);
     });
     return 0;
 }

@@ -16,6 +16,15 @@ from optcore.torch.clip import (  # noqa: E402
     clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm,
 )
 from optcore.torch.optim import SGD, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop  # noqa: E402
+from optcore.torch.batchnorm import (  # noqa: E402
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNormReLU1d,
+    BatchNormReLU2d,
+    convert_batchnorm,
+)
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
-           "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm"]
+           "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm",
+           "BatchNorm1d", "BatchNorm2d", "BatchNormReLU1d", "BatchNormReLU2d",
+           "convert_batchnorm"]

@@ -1,0 +1,40 @@
+"""Whole CPU training steps (optcore.torch.training): the four variants side by side.
+
+Run ``pytest bench/test_training_bench.py``; ``OPTCORE_BENCH_SMOKE=1`` uses the tiny models of
+``optcore bench --training --quick``. Groups are ``training-<model>-<optimizer>`` with one entry
+per variant: (a) torch (fused or foreach optimizer after ``clip_grad_norm_``), (b) optcore's
+optimizer with fused clipping, (c) (b) plus optcore's batch norm, (d) (c) with BN+ReLU fused.
+Each round is one step (zero_grad, forward, loss, backward, clipping, step) on the next of the
+model's batches. ``optcore bench --training`` prints the same comparison as one table, with the
+shares of batch norm and of the optimizer and the loss check.
+"""
+import os
+
+import pytest
+
+import optcore
+
+torch = pytest.importorskip("torch")
+training = pytest.importorskip("optcore.torch.training")
+
+SMOKE = os.environ.get("OPTCORE_BENCH_SMOKE", "") not in ("", "0")
+
+
+@pytest.mark.parametrize("variant", range(len(training.VARIANTS)),
+                         ids=[v.split()[0].strip("()") for v in training.VARIANTS])
+@pytest.mark.parametrize("optimizer", training.OPTIMIZERS)
+@pytest.mark.parametrize("model", list(training.MODELS))
+def test_training_step(benchmark, model, optimizer, variant):
+    threads = optcore.get_num_threads()
+    torch.set_num_threads(threads)
+    net, opt, batches = training.make_variant(variant, model, optimizer, SMOKE)
+    state = {"step": 0}
+
+    def step():
+        x, target = batches[state["step"] % len(batches)]
+        state["step"] += 1
+        training.train_step(net, opt, x, target, torch_clip=variant == 0)
+
+    benchmark.group = f"training-{model}-{optimizer}"
+    benchmark.extra_info.update({"variant": training.VARIANTS[variant], "threads": threads})
+    benchmark.pedantic(step, rounds=2 if SMOKE else 10, iterations=1, warmup_rounds=1)
