@@ -6,7 +6,9 @@ accumulator, state...). Arguments are trusted: ``optcore.kernels`` and ``optcore
 validate before calling. The GIL is released while the kernel runs.
 """
 from libc.math cimport INFINITY
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uintptr_t
+
+import numpy as np
 
 from optcore._kernels._runtime cimport (
     OC_MAX_SLOTS, TensorList, exec_begin, exec_end, oc_exec, oc_list,
@@ -20,6 +22,8 @@ cdef extern from "oc_optim.h" nogil:
         float weight_decay
         float decay
         float l1_thresh
+        uint32_t rng_key
+        int param_sr
     ctypedef struct oc_sgd_h:
         float lr, momentum, dampening_c
         int nesterov, first
@@ -43,6 +47,51 @@ cdef extern from "oc_optim.h" nogil:
     void oc_fill_run(const oc_list *L, int s, float value, const oc_exec *ex)
 
 
+cdef extern from "oc_lowp.h" nogil:
+    enum: OC_F32, OC_BF16, OC_Q8S, OC_Q8U, OC_Q8_BLOCK
+    ctypedef struct oc_q8_code:
+        float value[256]
+    oc_q8_code oc_q8_codes[2]
+    void oc_q8_init()
+    uint32_t oc_rng_key(uint32_t seed, uint32_t step)
+    void oc_q8_block_store(uint8_t *dst, float *absmax, const float *src, int64_t n, int is_signed)
+    void oc_q8_block_load(float *dst, const uint8_t *src, float absmax, int64_t n, int is_signed)
+
+oc_q8_init()
+
+# Element formats of a slot (TensorList.set_slot_format).
+F32, BF16, Q8S, Q8U = OC_F32, OC_BF16, OC_Q8S, OC_Q8U
+Q8_BLOCK = OC_Q8_BLOCK
+
+
+def q8_code(bint signed):
+    """The 256 values of the 8-bit dynamic code (float32), indexed by the stored byte."""
+    return np.array([oc_q8_codes[1 if signed else 0].value[b] for b in range(256)], dtype=np.float32)
+
+
+def q8_quantize(const float[::1] x, uint8_t[::1] codes, float[::1] absmax, bint signed):
+    """Quantize ``x`` block-wise into ``codes`` (one byte per element) and ``absmax`` (one
+    float32 per block of Q8_BLOCK elements); sizes are the caller's job."""
+    cdef int64_t n = x.shape[0], b, m
+    with nogil:
+        b = 0
+        while b < n:
+            m = n - b if n - b < OC_Q8_BLOCK else OC_Q8_BLOCK
+            oc_q8_block_store(&codes[b], &absmax[b // OC_Q8_BLOCK], &x[b], m, signed)
+            b += OC_Q8_BLOCK
+
+
+def q8_dequantize(const uint8_t[::1] codes, const float[::1] absmax, float[::1] out, bint signed):
+    """The inverse of :func:`q8_quantize`: ``out[i] = code[codes[i]] * absmax[block]``."""
+    cdef int64_t n = codes.shape[0], b, m
+    with nogil:
+        b = 0
+        while b < n:
+            m = n - b if n - b < OC_Q8_BLOCK else OC_Q8_BLOCK
+            oc_q8_block_load(&out[b], &codes[b], absmax[b // OC_Q8_BLOCK], m, signed)
+            b += OC_Q8_BLOCK
+
+
 cdef class GradOpts:
     """How the gradient is read by an update: ``g = clamp((grad + acc) * scale * tensor_scale,
     +-clamp) + weight_decay * p``; then ``p *= decay``; after the rule, L1 soft threshold."""
@@ -57,9 +106,17 @@ cdef class GradOpts:
         self.c.decay = <float> decay
         self.c.l1_thresh = <float> l1_thresh
         self._tensor_scale = tensor_scale
+        self.c.rng_key = 0
+        self.c.param_sr = 0
         self.c.tensor_scale = NULL
         if tensor_scale is not None:
             self.c.tensor_scale = <const float *> <uintptr_t> tensor_scale.ctypes.data
+
+    def set_rounding(self, seed, step, bint param_sr):
+        """Key the stochastic rounding of this update by ``(seed, step)`` (taken mod 2**32);
+        ``param_sr``: round a bfloat16 parameter stochastically rather than to nearest."""
+        self.c.rng_key = oc_rng_key(<uint32_t> (seed & 0xffffffff), <uint32_t> (step & 0xffffffff))
+        self.c.param_sr = param_sr
 
 
 def sgd(TensorList tl, GradOpts go, double lr, double momentum, double dampening,
