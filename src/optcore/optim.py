@@ -260,6 +260,17 @@ class Optimizer:
         ``{name: constraint}``: callables applied in place to a parameter after every step,
         e.g. ``{"w1": MaxNorm(3.0)}`` (see :mod:`optcore.constraints`). Names are those of the
         arena, or, for array pairs, the index of the pair counted over all groups.
+    state_dtype : {"float32", "bfloat16", "int8"}, optional
+        How the state buffers are stored (default float32; :class:`Adam8bit` and
+        :class:`AdamW8bit` default to int8): bfloat16 written back with stochastic rounding,
+        or the 8-bit block-wise dynamic code of Dettmers et al. (2022) with a float32 absmax
+        per block of 256. The arithmetic is float32 either way. See :doc:`/low_precision`.
+    min_8bit_size : int
+        With ``state_dtype="int8"``, tensors with fewer elements keep float32 state
+        (default 4096, as bitsandbytes).
+    seed : int
+        Seed in ``[0, 2**32)`` of the stochastic rounding (a hash of seed, step and element
+        index, so results do not depend on the thread count).
     **hyper
         The rule's hyper-parameters (same names and defaults as ``torch.optim``), plus ``l1``
         (default 0): the L1 proximal step :math:`p \leftarrow \operatorname{sign}(p)

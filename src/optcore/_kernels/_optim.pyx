@@ -77,7 +77,10 @@ def q8_quantize(const float[::1] x, uint8_t[::1] codes, float[::1] absmax, bint 
         b = 0
         while b < n:
             m = n - b if n - b < OC_Q8_BLOCK else OC_Q8_BLOCK
-            oc_q8_block_store(&codes[b], &absmax[b // OC_Q8_BLOCK], &x[b], m, signed)
+            if signed:
+                oc_q8_block_store(&codes[b], &absmax[b // OC_Q8_BLOCK], &x[b], m, 1)
+            else:
+                oc_q8_block_store(&codes[b], &absmax[b // OC_Q8_BLOCK], &x[b], m, 0)
             b += OC_Q8_BLOCK
 
 
@@ -88,7 +91,10 @@ def q8_dequantize(const uint8_t[::1] codes, const float[::1] absmax, float[::1] 
         b = 0
         while b < n:
             m = n - b if n - b < OC_Q8_BLOCK else OC_Q8_BLOCK
-            oc_q8_block_load(&out[b], &codes[b], absmax[b // OC_Q8_BLOCK], m, signed)
+            if signed:
+                oc_q8_block_load(&out[b], &codes[b], absmax[b // OC_Q8_BLOCK], m, 1)
+            else:
+                oc_q8_block_load(&out[b], &codes[b], absmax[b // OC_Q8_BLOCK], m, 0)
             b += OC_Q8_BLOCK
 
 

@@ -237,11 +237,12 @@ oc_lp_load(float *OC_RESTRICT dst, const oc_lp_slot *s, int64_t off, int64_t n) 
     if (s->kind == OC_BF16) {
         oc_bf16_load(dst, (const uint16_t *)s->data + off, n);
     } else {
-        const int sg = s->kind == OC_Q8S;
         for (int64_t b = 0; b < n; b += OC_Q8_BLOCK) {
             const int64_t m = n - b < OC_Q8_BLOCK ? n - b : OC_Q8_BLOCK;
-            oc_q8_block_load(dst + b, (const uint8_t *)s->data + off + b,
-                             s->absmax[(off + b) / OC_Q8_BLOCK], m, sg);
+            const uint8_t *q = (const uint8_t *)s->data + off + b;
+            const float am = s->absmax[(off + b) / OC_Q8_BLOCK];
+            if (s->kind == OC_Q8S) oc_q8_block_load(dst + b, q, am, m, 1);  /* constant sign: */
+            else oc_q8_block_load(dst + b, q, am, m, 0);                    /* no branch inside */
         }
     }
 }
@@ -255,11 +256,12 @@ oc_lp_store(const oc_lp_slot *s, const float *OC_RESTRICT src, int64_t off, int6
         if (stochastic) oc_bf16_store_sr(d, src, n, s->base, first);
         else oc_bf16_store_rne(d, src, n);
     } else {
-        const int sg = s->kind == OC_Q8S;
         for (int64_t b = 0; b < n; b += OC_Q8_BLOCK) {
             const int64_t m = n - b < OC_Q8_BLOCK ? n - b : OC_Q8_BLOCK;
-            oc_q8_block_store((uint8_t *)s->data + off + b, s->absmax + (off + b) / OC_Q8_BLOCK,
-                              src + b, m, sg);
+            uint8_t *q = (uint8_t *)s->data + off + b;
+            float *am = s->absmax + (off + b) / OC_Q8_BLOCK;
+            if (s->kind == OC_Q8S) oc_q8_block_store(q, am, src + b, m, 1);
+            else oc_q8_block_store(q, am, src + b, m, 0);
         }
     }
 }
