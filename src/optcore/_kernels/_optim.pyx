@@ -54,8 +54,14 @@ cdef extern from "oc_lowp.h" nogil:
     oc_q8_code oc_q8_codes[2]
     void oc_q8_init()
     uint32_t oc_rng_key(uint32_t seed, uint32_t step)
-    void oc_q8_block_store(uint8_t *dst, float *absmax, const float *src, int64_t n, int is_signed)
-    void oc_q8_block_load(float *dst, const uint8_t *src, float absmax, int64_t n, int is_signed)
+    ctypedef struct oc_lp_slot:
+        void *data
+        float *absmax
+        int kind
+        uint32_t base
+    void oc_lp_store(const oc_lp_slot *s, const float *src, int64_t off, int64_t n,
+                     int stochastic, int64_t first)
+    void oc_lp_load(float *dst, const oc_lp_slot *s, int64_t off, int64_t n)
 
 oc_q8_init()
 
@@ -69,33 +75,32 @@ def q8_code(bint signed):
     return np.array([oc_q8_codes[1 if signed else 0].value[b] for b in range(256)], dtype=np.float32)
 
 
+cdef oc_lp_slot _q8_slot(const uint8_t[::1] codes, const float[::1] absmax, bint signed) noexcept:
+    """An 8-bit slot over ``codes`` and ``absmax`` (read-only ones are only read)."""
+    cdef oc_lp_slot sl
+    sl.data = <void *> &codes[0] if codes.shape[0] else NULL
+    sl.absmax = <float *> &absmax[0] if absmax.shape[0] else NULL
+    sl.kind = OC_Q8S if signed else OC_Q8U
+    sl.base = 0
+    return sl
+
+
 def q8_quantize(const float[::1] x, uint8_t[::1] codes, float[::1] absmax, bint signed):
     """Quantize ``x`` block-wise into ``codes`` (one byte per element) and ``absmax`` (one
-    float32 per block of Q8_BLOCK elements); sizes are the caller's job."""
-    cdef int64_t n = x.shape[0], b, m
-    with nogil:
-        b = 0
-        while b < n:
-            m = n - b if n - b < OC_Q8_BLOCK else OC_Q8_BLOCK
-            if signed:
-                oc_q8_block_store(&codes[b], &absmax[b // OC_Q8_BLOCK], &x[b], m, 1)
-            else:
-                oc_q8_block_store(&codes[b], &absmax[b // OC_Q8_BLOCK], &x[b], m, 0)
-            b += OC_Q8_BLOCK
+    float32 per block of Q8_BLOCK elements), with the update kernels' own encoder; sizes are
+    the caller's job."""
+    cdef oc_lp_slot sl = _q8_slot(codes, absmax, signed)
+    if x.shape[0]:
+        with nogil:
+            oc_lp_store(&sl, &x[0], 0, x.shape[0], 0, 0)
 
 
 def q8_dequantize(const uint8_t[::1] codes, const float[::1] absmax, float[::1] out, bint signed):
     """The inverse of :func:`q8_quantize`: ``out[i] = code[codes[i]] * absmax[block]``."""
-    cdef int64_t n = codes.shape[0], b, m
-    with nogil:
-        b = 0
-        while b < n:
-            m = n - b if n - b < OC_Q8_BLOCK else OC_Q8_BLOCK
-            if signed:
-                oc_q8_block_load(&out[b], &codes[b], absmax[b // OC_Q8_BLOCK], m, 1)
-            else:
-                oc_q8_block_load(&out[b], &codes[b], absmax[b // OC_Q8_BLOCK], m, 0)
-            b += OC_Q8_BLOCK
+    cdef oc_lp_slot sl = _q8_slot(codes, absmax, signed)
+    if out.shape[0]:
+        with nogil:
+            oc_lp_load(&out[0], &sl, 0, out.shape[0])
 
 
 cdef class GradOpts:
