@@ -117,8 +117,7 @@ typedef struct {
     float lo;                    /* |a| below: code 0 */
     float hi;                    /* |a| at or above: the one code (or the top level) */
     float bound[OC_Q8_LEVELS];   /* bound[i]: |a| at or above is level i or higher (bound[0] unused) */
-    float mul[OC_Q8_LEVELS];     /* j = floor(|a| * mul[i] - sub[i]) inside level i */
-    float sub[OC_Q8_LEVELS];
+    float mul[OC_Q8_LEVELS];     /* j = floor(|a| * mul[i] - k[i] / 9) inside level i */
     int32_t k[OC_Q8_LEVELS];     /* values in level i */
 } oc_q8_code;
 
@@ -136,7 +135,6 @@ static inline void oc_q8_init_one(oc_q8_code *q, int is_signed) {
         int64_t k = is_signed ? ((int64_t)1 << i) : ((int64_t)2 << i);
         q->k[i] = (int32_t)k;
         q->mul[i] = (float)((double)k / (0.9 * scale[i]));
-        q->sub[i] = (float)((double)k / 9.0);
         for (int64_t j = 0; j < k; j++) {
             float v = (float)oc_q8_level_value(i, k, j);
             q->value[k + j] = v;
@@ -170,13 +168,13 @@ static inline __attribute__((always_inline)) void
 oc_q8_block_store(uint8_t *OC_RESTRICT dst, float *OC_RESTRICT absmax,
                   const float *OC_RESTRICT src, int64_t n, int is_signed) {
     const oc_q8_code *q = &oc_q8_codes[is_signed];
-    float bound[OC_Q8_LEVELS], mul[OC_Q8_LEVELS], sub[OC_Q8_LEVELS], kf[OC_Q8_LEVELS];
+    float bound[OC_Q8_LEVELS], mul[OC_Q8_LEVELS], kf[OC_Q8_LEVELS];
     for (int i = 0; i < OC_Q8_LEVELS; i++) {
         bound[i] = q->bound[i];
         mul[i] = q->mul[i];
-        sub[i] = q->sub[i];
         kf[i] = (float)q->k[i];
     }
+    const float ninth = 1.0f / 9.0f;  /* j = floor(K (a / s - 0.1) / 0.9) = floor(a mul - K / 9) */
     const float lo = q->lo, hi = q->hi;
     /* |x| as bits: unsigned order is float order, and NaN sorts above inf */
     uint32_t mb = 0;
@@ -190,12 +188,11 @@ oc_q8_block_store(uint8_t *OC_RESTRICT dst, float *OC_RESTRICT absmax,
     /* written with selects and integer masks only, so that it vectorizes */
     for (int64_t i = 0; i < n; i++) {
         const float a = fabsf(src[i]) * inv;
-        float m = mul[0], c = sub[0], k = kf[0];
-#define OC_Q8_LEVEL(l) m = a >= bound[l] ? mul[l] : m; c = a >= bound[l] ? sub[l] : c; \
-                       k = a >= bound[l] ? kf[l] : k;
+        float m = mul[0], k = kf[0];
+#define OC_Q8_LEVEL(l) m = a >= bound[l] ? mul[l] : m; k = a >= bound[l] ? kf[l] : k;
         OC_Q8_LEVEL(1) OC_Q8_LEVEL(2) OC_Q8_LEVEL(3) OC_Q8_LEVEL(4) OC_Q8_LEVEL(5) OC_Q8_LEVEL(6)
 #undef OC_Q8_LEVEL
-        float t = a * m - c;
+        float t = a * m - k * ninth;
         t = t > 0.0f ? t : 0.0f;                       /* NaN -> 0 */
         t = t < k - 1.0f ? t : k - 1.0f;
         int32_t u = (int32_t)(k + t);                  /* k + floor(t): t >= 0 truncates down */
