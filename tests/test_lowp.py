@@ -98,6 +98,24 @@ def test_quantize_special_blocks():
     assert y[0] == np.float32(2.0 * _optim.q8_code(True)[255]) < -1.98  # -1 is not a code
 
 
+def test_bfloat16_conversions_match_ml_dtypes():
+    """The kernels' bf16 narrowing is round-to-nearest-even as ml_dtypes' (NaN stays NaN),
+    widening is exact."""
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**32, 200000, dtype=np.uint64).astype(np.uint32)
+    x = np.concatenate([bits.view(np.float32), np.array([np.inf, -np.inf, 0.0, -0.0, 3.0e38],
+                                                        np.float32)])
+    got = np.empty(x.size, np.uint16)
+    _optim.bf16_encode(x, got)
+    nan = np.isnan(x)
+    want = x[~nan].astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(got[~nan], want.view(np.uint16))
+    back = np.empty(x.size, np.float32)
+    _optim.bf16_decode(got, back)
+    assert np.all(np.isnan(back[nan]))
+    np.testing.assert_array_equal(back[~nan], want.astype(np.float32))
+
+
 def grads_for(p, step):
     return (np.sin(p * 3.0 + step) + 0.1 * np.cos(np.arange(p.size) + step)).astype(np.float32)
 

@@ -14,7 +14,6 @@ parameter group, in the format the update kernel reads and writes in place (see
 Conversions to and from float32 (``state_of``, ``state_dict``, loading a state saved in another
 format) go through the kernels' own conversions.
 """
-import ml_dtypes
 import numpy as np
 
 from optcore import _checks as ck
@@ -106,10 +105,11 @@ class StateBuffer:
         k, d = self.kinds[t], self.data[t]
         if k == _optim.F32:
             return d.copy()
-        if k == _optim.BF16:
-            return d.view(ml_dtypes.bfloat16).astype(np.float32)
         out = np.empty(d.size, np.float32)
-        _optim.q8_dequantize(d, self.absmax[t], out, k == _optim.Q8S)
+        if k == _optim.BF16:
+            _optim.bf16_decode(d, out)
+        else:
+            _optim.q8_dequantize(d, self.absmax[t], out, k == _optim.Q8S)
         return out
 
     def set(self, t, x):
@@ -119,7 +119,7 @@ class StateBuffer:
         if k == _optim.F32:
             d[...] = x
         elif k == _optim.BF16:
-            d[...] = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+            _optim.bf16_encode(x, d)
         else:
             _optim.q8_quantize(x, d, self.absmax[t], k == _optim.Q8S)
 

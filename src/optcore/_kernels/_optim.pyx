@@ -6,7 +6,7 @@ accumulator, state...). Arguments are trusted: ``optcore.kernels`` and ``optcore
 validate before calling. The GIL is released while the kernel runs.
 """
 from libc.math cimport INFINITY
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
 
 import numpy as np
 
@@ -75,14 +75,19 @@ def q8_code(bint signed):
     return np.array([oc_q8_codes[1 if signed else 0].value[b] for b in range(256)], dtype=np.float32)
 
 
-cdef oc_lp_slot _q8_slot(const uint8_t[::1] codes, const float[::1] absmax, bint signed) noexcept:
-    """An 8-bit slot over ``codes`` and ``absmax`` (read-only ones are only read)."""
+cdef oc_lp_slot _slot(const void *data, const float *absmax, int kind) noexcept nogil:
+    """A slot of format ``kind`` over one flat buffer (read-only ones are only read)."""
     cdef oc_lp_slot sl
-    sl.data = <void *> &codes[0] if codes.shape[0] else NULL
-    sl.absmax = <float *> &absmax[0] if absmax.shape[0] else NULL
-    sl.kind = OC_Q8S if signed else OC_Q8U
+    sl.data = <void *> data
+    sl.absmax = <float *> absmax
+    sl.kind = kind
     sl.base = 0
     return sl
+
+
+cdef oc_lp_slot _q8_slot(const uint8_t[::1] codes, const float[::1] absmax, bint signed) noexcept:
+    return _slot(&codes[0] if codes.shape[0] else NULL,
+                 &absmax[0] if absmax.shape[0] else NULL, OC_Q8S if signed else OC_Q8U)
 
 
 def q8_quantize(const float[::1] x, uint8_t[::1] codes, float[::1] absmax, bint signed):
@@ -101,6 +106,22 @@ def q8_dequantize(const uint8_t[::1] codes, const float[::1] absmax, float[::1] 
     if out.shape[0]:
         with nogil:
             oc_lp_load(&out[0], &sl, 0, out.shape[0])
+
+
+def bf16_decode(const uint16_t[::1] bits, float[::1] out):
+    """bfloat16 bits to float32 (exact), with the update kernels' own conversion."""
+    cdef oc_lp_slot sl = _slot(&bits[0] if bits.shape[0] else NULL, NULL, OC_BF16)
+    if out.shape[0]:
+        with nogil:
+            oc_lp_load(&out[0], &sl, 0, out.shape[0])
+
+
+def bf16_encode(const float[::1] x, uint16_t[::1] bits):
+    """float32 to bfloat16 bits, rounded to nearest even (NaN stays NaN)."""
+    cdef oc_lp_slot sl = _slot(&bits[0] if bits.shape[0] else NULL, NULL, OC_BF16)
+    if x.shape[0]:
+        with nogil:
+            oc_lp_store(&sl, &x[0], 0, x.shape[0], 0, 0)
 
 
 cdef class GradOpts:
