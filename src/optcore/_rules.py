@@ -55,6 +55,10 @@ def check_betas(betas):
     ck.in_range("betas[1]", betas[1], 0.0, 1.0, hi_open=True)
 
 
+# State buffers that never hold a negative value: stored with the unsigned 8-bit code.
+NONNEGATIVE_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg", "exp_inf"})
+
+
 class Rule:
     """One update rule: its defaults, state buffers and kernel call."""
 

@@ -434,6 +434,9 @@ class ShardedOptimizer:
     def _setup(self, opt_cls, params, groups, clip, nonfinite, hyper):
         if not (isinstance(opt_cls, type) and issubclass(opt_cls, Optimizer)):
             raise TypeError(f"opt_cls must be an optcore optimizer class, got {opt_cls!r}")
+        if opt_cls.default_state_dtype != "float32":
+            raise ValueError(f"opt_cls {opt_cls.__name__} keeps low-precision state, which a "
+                             "ShardedOptimizer does not shard; use a float32-state optimizer")
         if not isinstance(params, Parameters):
             raise TypeError(
                 f"params must be an optcore.Parameters arena, got {type(params).__name__}")

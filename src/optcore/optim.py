@@ -9,15 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from optcore import _checks as ck
-from optcore import _fused
-from optcore import _rules
+from optcore import _fused, _lowp, _rules
 from optcore import clip as _clip
 from optcore._kernels import _norms, _optim
 from optcore._kernels._runtime import TensorList
 from optcore.params import Arena, Layout, Parameters
 from optcore.scaling import GradScaler
 
-__all__ = ["Optimizer", "StepResult", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaMax", "NAdam"]
+__all__ = ["Optimizer", "StepResult", "SGD", "AdaGrad", "RMSProp", "Adam", "AdamW", "AdaMax", "NAdam",
+           "Adam8bit", "AdamW8bit"]
 
 # Hyper-parameters that decide which state buffers exist; fixed after construction.
 _STRUCTURAL = ("momentum", "centered", "amsgrad")
@@ -61,28 +61,60 @@ class StepResult:
 class _Group:
     """The arrays, state and kernel table of one parameter group."""
 
-    def __init__(self, rule, hyper, names, params, grads):
+    def __init__(self, rule, hyper, names, params, grads, state_dtype="float32",
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE):
         self.names = names
         self.params = params
         self.grads = grads
         self.layout = Layout({n: p.shape for n, p in zip(names, params)})
         self.state_names = rule.state_names(hyper)
         init = rule.initial_state(hyper)
+        self.state_dtype = state_dtype
         self.state = {}
+        sizes = [a.size for a in params]
         for s in self.state_names:
-            if s is not None:
-                arena = Arena(self.layout)
-                arena.flat.fill(init.get(s, 0.0))
-                self.state[s] = arena
+            if s is None:
+                continue
+            if state_dtype == "float32":
+                buf = Arena(self.layout)
+                buf.flat.fill(init.get(s, 0.0))
+            else:
+                buf = _lowp.StateBuffer(sizes, _lowp.kinds_for(
+                    state_dtype, sizes, s not in _rules.NONNEGATIVE_STATE, min_8bit_size))
+                buf.fill(init.get(s, 0.0))
+            self.state[s] = buf
         self.step = 0
         self.scalars = {}
         self.structure = {k: hyper[k] != 0 for k in _STRUCTURAL if k in hyper}
-        slots = [params, grads, None]
-        slots += [None if s is None else [self.state[s][n] for n in names] for s in self.state_names]
+        slots = [params, grads, None] + [None if s is None else self._state_arrays(s)
+                                         for s in self.state_names]
         self.table = TensorList(slots)
+        if state_dtype != "float32":
+            for k, s in enumerate(self.state_names):
+                if s is not None:
+                    self.table.set_slot_format(3 + k, self.state[s].kinds, self.state[s].absmax)
         self.acc = None
         self.units = None
         self.unit_tensor = None
+
+    def _state_arrays(self, s):
+        """The kernel's arrays of state buffer ``s``, one per tensor."""
+        if self.state_dtype == "float32":
+            return [self.state[s][n] for n in self.names]
+        return self.state[s].data
+
+    def state_view(self, s, name):
+        """State ``s`` of tensor ``name``: a view (float32 state) or a float32 copy."""
+        if self.state_dtype == "float32":
+            return self.state[s][name]
+        i = self.names.index(name)
+        return self.state[s].get(i).reshape(self.params[i].shape)
+
+    @property
+    def state_nbytes(self):
+        """Bytes of the state buffers of this group."""
+        return sum(b.flat.nbytes if self.state_dtype == "float32" else b.nbytes
+                   for b in self.state.values())
 
     def enable_accumulation(self):
         """Give the group a gradient accumulator, read by the update kernel as slot 2."""
@@ -196,6 +228,17 @@ class Optimizer:
         ``{name: constraint}``: callables applied in place to a parameter after every step,
         e.g. ``{"w1": MaxNorm(3.0)}`` (see :mod:`optcore.constraints`). Names are those of the
         arena, or, for array pairs, the index of the pair counted over all groups.
+    state_dtype : {"float32", "bfloat16", "int8"}, optional
+        How the state buffers are stored (default float32; :class:`Adam8bit` and
+        :class:`AdamW8bit` default to int8): bfloat16 written back with stochastic rounding,
+        or the 8-bit block-wise dynamic code of Dettmers et al. (2022) with a float32 absmax
+        per block of 256. The arithmetic is float32 either way. See :doc:`/low_precision`.
+    min_8bit_size : int
+        With ``state_dtype="int8"``, tensors with fewer elements keep float32 state
+        (default 4096, as bitsandbytes).
+    seed : int
+        Seed in ``[0, 2**32)`` of the stochastic rounding (a hash of seed, step and element
+        index, so results do not depend on the thread count).
     **hyper
         The rule's hyper-parameters (same names and defaults as ``torch.optim``), plus ``l1``
         (default 0): the L1 proximal step :math:`p \leftarrow \operatorname{sign}(p)
@@ -221,12 +264,22 @@ class Optimizer:
 
     rule = _rules.Rule
 
+    default_state_dtype = "float32"
+
     def __init__(self, params, groups=None, *, clip=None, nonfinite="propagate", accumulate=1,
-                 constraints=None, **hyper):
+                 constraints=None, state_dtype=None, min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0,
+                 **hyper):
         unknown = set(hyper) - set(self.rule.defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected hyper-parameters {sorted(unknown)}")
         self.clip, self.nonfinite, self.accumulate = _fused.options(clip, nonfinite, accumulate)
+        self.state_dtype, self.min_8bit_size = _lowp.check_state_dtype(
+            self.default_state_dtype if state_dtype is None else state_dtype, min_8bit_size)
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = int(ck.in_range("seed", int(seed), 0, 2**32 - 1))
+        if self.state_dtype != "float32" and isinstance(clip, _clip.Adaptive):
+            raise ValueError("Adaptive clipping needs float32 state (state_dtype='float32')")
         self.skipped_steps = 0
         self._micro = 0
         self.defaults = dict(self.rule.defaults, **hyper)
@@ -249,7 +302,8 @@ class Optimizer:
             hyper_g = dict(self.defaults, **h)
             self.rule.check(hyper_g)
             self.param_groups.append(dict(hyper_g, params=list(names)))
-            self._groups.append(_Group(self.rule, hyper_g, names, ps, gs))
+            self._groups.append(_Group(self.rule, hyper_g, names, ps, gs, self.state_dtype,
+                                       self.min_8bit_size))
         for g in self._groups:
             if self.accumulate > 1:
                 g.enable_accumulation()
@@ -423,10 +477,11 @@ class Optimizer:
         gradient as ``clamp(grad * scale * tensor_scale)``, then the learning rates are stored
         and the constraints applied. ``hypers`` come from :meth:`_checked_hyper`;
         ``tensor_scale`` holds one per-tensor factor array (or None) per group."""
-        for h, g, ts in zip(hypers, self._groups, tensor_scale):
+        for gi, (h, g, ts) in enumerate(zip(hypers, self._groups, tensor_scale)):
             go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
                                   decoupled=self.rule.decoupled(h), maximize=h["maximize"],
                                   grad_scale=scale, tensor_scale=ts, clamp=clamp, l1=h["l1"])
+            go.set_rounding(self.seed + 0x9E3779B9 * gi, g.step + 1, False)
             self.rule.run(g.table if g.units is None else g.units, go, h, g.step + 1, g.scalars)
             g.step += 1
         self._store_lr(hypers)
@@ -465,18 +520,31 @@ class Optimizer:
         """Return the state views (``{"exp_avg": ndarray, ...}``) of one parameter.
 
         ``name`` is a parameter name of the arena, or, for array pairs, the index of the pair
-        within its group (``group`` then selects the group, default 0).
+        within its group (``group`` then selects the group, default 0). With low-precision
+        state (``state_dtype`` other than float32) the arrays are float32 copies of the
+        decoded state, not views.
         """
         key = str(name)
         for i, g in enumerate(self._groups):
             if (group is None or group == i) and key in g.layout.names:
-                return {s: a[key] for s, a in g.state.items()}
+                return {s: g.state_view(s, key) for s in g.state}
         raise KeyError(f"no parameter {name!r} in this optimizer")
 
     @property
     def state_steps(self):
         """The number of steps applied to each group."""
         return [g.step for g in self._groups]
+
+    @property
+    def state_nbytes(self):
+        """Bytes of optimizer state held (state buffers, with 8-bit scales)."""
+        return sum(g.state_nbytes for g in self._groups)
+
+    @property
+    def state_bytes_per_param(self):
+        """:attr:`state_nbytes` per parameter element (float32 Adam: 8; 8-bit Adam: ~2)."""
+        n = sum(a.size for g in self._groups for a in g.params)
+        return self.state_nbytes / n if n else 0.0
 
     def state_dict(self):
         """Return the optimizer state as a flat dict of NumPy arrays and numbers.
@@ -487,6 +555,8 @@ class Optimizer:
             opt.load_state_dict(np.load("opt.npz"))
         """
         out = {"optimizer": np.array(self.rule.name), "groups": len(self._groups)}
+        if self.state_dtype != "float32":
+            out["state_dtype"] = np.array(self.state_dtype)
         for i, (g, pg) in enumerate(zip(self._groups, self.param_groups)):
             p = f"group{i}."
             out[p + "names"] = np.array(g.names, dtype=str)
@@ -495,8 +565,11 @@ class Optimizer:
             for k, v in pg.items():
                 if k != "params":
                     out[p + "hyper." + k] = np.asarray(v)
-            for s, arena in g.state.items():
-                out[p + "state." + s] = arena.flat.copy()
+            for s, buf in g.state.items():
+                if self.state_dtype == "float32":
+                    out[p + "state." + s] = buf.flat.copy()
+                else:
+                    out.update(buf.export(p + "state." + s))
             for s, v in g.scalars.items():
                 out[p + "scalar." + s] = v
         out.update(self._fused_state())
@@ -558,19 +631,7 @@ class Optimizer:
             for k, on in g.structure.items():
                 if (hyper[k] != 0) != on:
                     raise ValueError(f"{p}hyper.{k} needs other state buffers than this optimizer has")
-            arrays = {}
-            for s, arena in g.state.items():
-                a = state.get(p + "state." + s)
-                if a is None:
-                    raise ValueError(f"state lacks {p}state.{s}")
-                a = np.asarray(a)
-                if a.dtype != np.float32:
-                    raise TypeError(f"{p}state.{s} must have dtype float32, got {a.dtype}")
-                if a.shape != arena.flat.shape:
-                    raise ValueError(
-                        f"{p}state.{s} must have shape {arena.flat.shape}, got {a.shape}"
-                    )
-                arrays[s] = a
+            arrays = {s: self._state_loader(g, p + "state." + s, state) for s in g.state}
             step = np.asarray(state.get(p + "step", -1))
             if step.shape != () or not np.issubdtype(step.dtype, np.integer) or step < 0:
                 raise ValueError(f"{p}step must be an integer >= 0, got {step!r}")
@@ -586,10 +647,34 @@ class Optimizer:
             g.acc.flat[...] = a
         for (g, hyper, arrays, step, scalars), pg in zip(plans, self.param_groups):
             pg.update(hyper)
-            for s, a in arrays.items():
-                g.state[s].flat[...] = a
+            for load in arrays.values():
+                load()
             g.step = step
             g.scalars = scalars
+
+    def _state_loader(self, g, key, state):
+        """Check state buffer ``key`` of ``state`` (saved in any format) for group ``g``;
+        return a function writing it into ``g``, converting between formats (quantized or
+        dequantized through float32) when the saved one differs."""
+        sizes = [x.size for x in g.params]
+        buf = g.state[key.rsplit("state.", 1)[1]]
+        if (key + ".formats") in state:
+            saved = _lowp.StateBuffer.read(sizes, key, state)
+            if self.state_dtype != "float32":
+                return lambda: buf.assign(saved)
+            return lambda: [buf[n].__setitem__(Ellipsis, saved.get(i).reshape(buf[n].shape))
+                            for i, n in enumerate(g.names)]
+        a = state.get(key)
+        if a is None:
+            raise ValueError(f"state lacks {key}")
+        a = np.asarray(a)
+        if a.dtype != np.float32:
+            raise TypeError(f"{key} must have dtype float32, got {a.dtype}")
+        if a.shape != (g.layout.total,):
+            raise ValueError(f"{key} must have shape {(g.layout.total,)}, got {a.shape}")
+        if self.state_dtype != "float32":
+            return lambda: [buf.set(i, g.layout.view(a, n)) for i, n in enumerate(g.names)]
+        return lambda: buf.flat.__setitem__(Ellipsis, a)
 
     def __repr__(self):
         groups = ", ".join(f"group {i}: {len(g.params)} tensors" for i, g in enumerate(self._groups))
@@ -671,6 +756,26 @@ class NAdam(Optimizer):
     """
 
     rule = _rules.NAdamRule
+
+
+class Adam8bit(Adam):
+    r"""Adam with 8-bit block-wise quantized state (Dettmers et al. 2022).
+
+    :class:`Adam` with ``state_dtype="int8"`` by default: ``exp_avg`` and ``exp_avg_sq`` are
+    stored as one byte per element (the signed and unsigned dynamic codes) and a float32
+    absmax per block of 256 elements, about 2 bytes of state per parameter instead of 8;
+    tensors below ``min_8bit_size`` (4096) elements keep float32 state. The names of
+    bitsandbytes' ``bnb.optim.Adam8bit``. See :doc:`/low_precision`.
+    """
+
+    default_state_dtype = "int8"
+
+
+class AdamW8bit(AdamW):
+    r"""AdamW with 8-bit block-wise quantized state: :class:`AdamW` with
+    ``state_dtype="int8"`` by default (see :class:`Adam8bit`)."""
+
+    default_state_dtype = "int8"
 
 
 # torch.optim spellings

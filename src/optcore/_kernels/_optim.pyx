@@ -6,7 +6,9 @@ accumulator, state...). Arguments are trusted: ``optcore.kernels`` and ``optcore
 validate before calling. The GIL is released while the kernel runs.
 """
 from libc.math cimport INFINITY
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uintptr_t
+
+import numpy as np
 
 from optcore._kernels._runtime cimport (
     OC_MAX_SLOTS, TensorList, exec_begin, exec_end, oc_exec, oc_list,
@@ -20,6 +22,8 @@ cdef extern from "oc_optim.h" nogil:
         float weight_decay
         float decay
         float l1_thresh
+        uint32_t rng_key
+        int param_sr
     ctypedef struct oc_sgd_h:
         float lr, momentum, dampening_c
         int nesterov, first
@@ -43,6 +47,83 @@ cdef extern from "oc_optim.h" nogil:
     void oc_fill_run(const oc_list *L, int s, float value, const oc_exec *ex)
 
 
+cdef extern from "oc_lowp.h" nogil:
+    enum: OC_F32, OC_BF16, OC_Q8S, OC_Q8U, OC_Q8_BLOCK
+    ctypedef struct oc_q8_code:
+        float value[256]
+    oc_q8_code oc_q8_codes[2]
+    void oc_q8_init()
+    uint32_t oc_rng_key(uint32_t seed, uint32_t step)
+    ctypedef struct oc_lp_slot:
+        void *data
+        float *absmax
+        int kind
+        uint32_t base
+    void oc_lp_store(const oc_lp_slot *s, const float *src, int64_t off, int64_t n,
+                     int stochastic, int64_t first)
+    void oc_lp_load(float *dst, const oc_lp_slot *s, int64_t off, int64_t n)
+
+oc_q8_init()
+
+# Element formats of a slot (TensorList.set_slot_format).
+F32, BF16, Q8S, Q8U = OC_F32, OC_BF16, OC_Q8S, OC_Q8U
+Q8_BLOCK = OC_Q8_BLOCK
+
+
+def q8_code(bint signed):
+    """The 256 values of the 8-bit dynamic code (float32), indexed by the stored byte."""
+    return np.array([oc_q8_codes[1 if signed else 0].value[b] for b in range(256)], dtype=np.float32)
+
+
+cdef oc_lp_slot _slot(const void *data, const float *absmax, int kind) noexcept nogil:
+    """A slot of format ``kind`` over one flat buffer (read-only ones are only read)."""
+    cdef oc_lp_slot sl
+    sl.data = <void *> data
+    sl.absmax = <float *> absmax
+    sl.kind = kind
+    sl.base = 0
+    return sl
+
+
+cdef oc_lp_slot _q8_slot(const uint8_t[::1] codes, const float[::1] absmax, bint signed) noexcept:
+    return _slot(&codes[0] if codes.shape[0] else NULL,
+                 &absmax[0] if absmax.shape[0] else NULL, OC_Q8S if signed else OC_Q8U)
+
+
+def q8_quantize(const float[::1] x, uint8_t[::1] codes, float[::1] absmax, bint signed):
+    """Quantize ``x`` block-wise into ``codes`` (one byte per element) and ``absmax`` (one
+    float32 per block of Q8_BLOCK elements), with the update kernels' own encoder; sizes are
+    the caller's job."""
+    cdef oc_lp_slot sl = _q8_slot(codes, absmax, signed)
+    if x.shape[0]:
+        with nogil:
+            oc_lp_store(&sl, &x[0], 0, x.shape[0], 0, 0)
+
+
+def q8_dequantize(const uint8_t[::1] codes, const float[::1] absmax, float[::1] out, bint signed):
+    """The inverse of :func:`q8_quantize`: ``out[i] = code[codes[i]] * absmax[block]``."""
+    cdef oc_lp_slot sl = _q8_slot(codes, absmax, signed)
+    if out.shape[0]:
+        with nogil:
+            oc_lp_load(&out[0], &sl, 0, out.shape[0])
+
+
+def bf16_decode(const uint16_t[::1] bits, float[::1] out):
+    """bfloat16 bits to float32 (exact), with the update kernels' own conversion."""
+    cdef oc_lp_slot sl = _slot(&bits[0] if bits.shape[0] else NULL, NULL, OC_BF16)
+    if out.shape[0]:
+        with nogil:
+            oc_lp_load(&out[0], &sl, 0, out.shape[0])
+
+
+def bf16_encode(const float[::1] x, uint16_t[::1] bits):
+    """float32 to bfloat16 bits, rounded to nearest even (NaN stays NaN)."""
+    cdef oc_lp_slot sl = _slot(&bits[0] if bits.shape[0] else NULL, NULL, OC_BF16)
+    if x.shape[0]:
+        with nogil:
+            oc_lp_store(&sl, &x[0], 0, x.shape[0], 0, 0)
+
+
 cdef class GradOpts:
     """How the gradient is read by an update: ``g = clamp((grad + acc) * scale * tensor_scale,
     +-clamp) + weight_decay * p``; then ``p *= decay``; after the rule, L1 soft threshold."""
@@ -57,9 +138,17 @@ cdef class GradOpts:
         self.c.decay = <float> decay
         self.c.l1_thresh = <float> l1_thresh
         self._tensor_scale = tensor_scale
+        self.c.rng_key = 0
+        self.c.param_sr = 0
         self.c.tensor_scale = NULL
         if tensor_scale is not None:
             self.c.tensor_scale = <const float *> <uintptr_t> tensor_scale.ctypes.data
+
+    def set_rounding(self, seed, step, bint param_sr):
+        """Key the stochastic rounding of this update by ``(seed, step)`` (taken mod 2**32);
+        ``param_sr``: round a bfloat16 parameter stochastically rather than to nearest."""
+        self.c.rng_key = oc_rng_key(<uint32_t> (seed & 0xffffffff), <uint32_t> (step & 0xffffffff))
+        self.c.param_sr = param_sr
 
 
 def sgd(TensorList tl, GradOpts go, double lr, double momentum, double dampening,

@@ -1,6 +1,6 @@
 # Declarations shared by the kernel families: the C conventions of oc_common.h, the execution
 # settings handed to every kernel, and the tensor table that multi-tensor kernels walk.
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint8_t
 
 cdef extern from "oc_common.h" nogil:
     enum: OC_CHUNK
@@ -15,7 +15,9 @@ cdef extern from "oc_common.h" nogil:
         const int64_t *lengths
         const int64_t *chunk_tensor
         const int64_t *chunk_start
-        float **slots[OC_MAX_SLOTS]
+        void **slots[OC_MAX_SLOTS]
+        const uint8_t *kinds[OC_MAX_SLOTS]
+        float **absmax[OC_MAX_SLOTS]
 
 
 cdef oc_exec exec_begin(int64_t total) noexcept nogil
@@ -30,6 +32,7 @@ cdef class TensorList:
     cdef object _chunk_tensor
     cdef object _chunk_start
     cdef list _tables
+    cdef list _formats
     cdef list _refs
     cdef _layout(self, lengths)
     cdef _set(self, Py_ssize_t s, arrays)

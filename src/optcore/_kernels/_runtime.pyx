@@ -157,6 +157,7 @@ cdef class TensorList:
     cdef _layout(self, lengths):
         """Record the tensor lengths and cut them into fixed chunks; every slot starts unset."""
         self._tables = [None] * OC_MAX_SLOTS
+        self._formats = [None] * OC_MAX_SLOTS
         self.ntensors = lengths.size
         self.lengths = lengths
         self.total = int(lengths.sum()) if self.ntensors else 0
@@ -175,6 +176,8 @@ cdef class TensorList:
         self.c.chunk_start = _int64_ptr(chunk_start)
         for s in range(OC_MAX_SLOTS):
             self.c.slots[s] = NULL
+            self.c.kinds[s] = NULL
+            self.c.absmax[s] = NULL
 
     cdef _set(self, Py_ssize_t s, arrays):
         if arrays is None:
@@ -191,7 +194,7 @@ cdef class TensorList:
             tv[i] = <uint64_t> <uintptr_t> view.buf
             PyBuffer_Release(&view)
         self._tables[s] = table
-        self.c.slots[s] = <float **> <uintptr_t> table.ctypes.data
+        self.c.slots[s] = <void **> <uintptr_t> table.ctypes.data
 
     def set_slot(self, Py_ssize_t s, arrays):
         """Point slot ``s`` at ``arrays`` (validated by the caller), or clear it with None."""
@@ -218,7 +221,37 @@ cdef class TensorList:
         if self.ntensors == 0:
             table = np.zeros(1, dtype=np.uint64)
         self._tables[s] = table
-        self.c.slots[s] = <float **> <uintptr_t> table.ctypes.data
+        self.c.slots[s] = <void **> <uintptr_t> table.ctypes.data
+
+    def set_slot_format(self, Py_ssize_t s, kinds, absmax=None):
+        """Give slot ``s`` per-tensor element formats (``kinds``: uint8, one per tensor, codes
+        of oc_lowp.h; None: all float32) and, for 8-bit formats, the per-block absmax arrays
+        (float32, ``ceil(length / 256)`` each; None for the other tensors). The slot's arrays
+        must be of those formats (the caller validates)."""
+        if not 0 <= s < OC_MAX_SLOTS:
+            raise ValueError(f"slot must be in [0, {OC_MAX_SLOTS}), got {s}")
+        if kinds is None:
+            self.c.kinds[s] = NULL
+            self.c.absmax[s] = NULL
+            self._formats[s] = None
+            return
+        k = np.ascontiguousarray(kinds, dtype=np.uint8)
+        if k.shape != (self.ntensors,):
+            raise ValueError(f"slot {s} needs {self.ntensors} formats, got shape {k.shape}")
+        k = k if self.ntensors else np.zeros(1, dtype=np.uint8)
+        cdef Py_ssize_t i
+        cdef Py_buffer view
+        table = np.zeros(max(self.ntensors, 1), dtype=np.uint64)
+        cdef uint64_t[::1] tv = table
+        if absmax is not None:
+            for i in range(self.ntensors):
+                if absmax[i] is not None:
+                    PyObject_GetBuffer(absmax[i], &view, PyBUF_ANY_CONTIGUOUS)
+                    tv[i] = <uint64_t> <uintptr_t> view.buf
+                    PyBuffer_Release(&view)
+        self._formats[s] = (k, table, absmax)
+        self.c.kinds[s] = <const uint8_t *> <uintptr_t> k.ctypes.data
+        self.c.absmax[s] = <float **> <uintptr_t> table.ctypes.data
 
     @property
     def nchunks(self):

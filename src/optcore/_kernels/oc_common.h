@@ -33,6 +33,8 @@
 #define OC_CLONES
 #endif
 
+#define OC_RESTRICT __restrict__
+
 #define OC_CHUNK 16384          /* elements per work item: fixed, so results do not depend on threads */
 #define OC_TILE 512             /* elements per L1-resident tile inside a chunk */
 #define OC_SERIAL_BELOW 32768   /* below this many elements a parallel region costs more than it saves */
@@ -45,8 +47,11 @@ typedef struct {
 
 /* A table of tensors: slot s of tensor t starts at slots[s][t] and holds lengths[t] elements.
  * Chunk c covers elements [chunk_start[c], min(chunk_start[c] + OC_CHUNK, lengths[t])) of
- * tensor t = chunk_tensor[c]. A slot pointer table may be NULL (an unused optional buffer). */
-#define OC_MAX_SLOTS 6
+ * tensor t = chunk_tensor[c]. A slot pointer table may be NULL (an unused optional buffer).
+ * Elements are float32 unless kinds[s] is set: then kinds[s][t] is the format of slot s of
+ * tensor t (see oc_lowp.h; only the update kernels read other formats) and, for 8-bit
+ * formats, absmax[s][t] holds its per-block scales. */
+#define OC_MAX_SLOTS 8
 typedef struct {
     int64_t ntensors;
     int64_t nchunks;
@@ -54,7 +59,9 @@ typedef struct {
     const int64_t *lengths;
     const int64_t *chunk_tensor;
     const int64_t *chunk_start;
-    float *const *slots[OC_MAX_SLOTS];
+    void *const *slots[OC_MAX_SLOTS];
+    const uint8_t *kinds[OC_MAX_SLOTS];
+    float *const *absmax[OC_MAX_SLOTS];
 } oc_list;
 
 static inline int64_t oc_chunk_len(const oc_list *L, int64_t c) {
@@ -62,9 +69,10 @@ static inline int64_t oc_chunk_len(const oc_list *L, int64_t c) {
     return rest < OC_CHUNK ? rest : OC_CHUNK;
 }
 
+/* Slot s of chunk c, for a float32 slot. */
 static inline float *oc_slot(const oc_list *L, int s, int64_t c) {
     if (L->slots[s] == NULL) return NULL;
-    return L->slots[s][L->chunk_tensor[c]] + L->chunk_start[c];
+    return (float *)L->slots[s][L->chunk_tensor[c]] + L->chunk_start[c];
 }
 
 /* When chunk c + 1 starts a new tensor, prefetch the first cache lines of each of its buffers:

@@ -242,7 +242,7 @@ typedef struct {
 
 static inline __attribute__((always_inline)) void
 oc_unit_sumsq_one(const oc_list *L, int s, const oc_units *U, double *out, int64_t u) {
-    const float *x = L->slots[s][U->tensor[u]] + U->start[u];
+    const float *x = (const float *)L->slots[s][U->tensor[u]] + U->start[u];
     float m;
     oc_run_sumsq(x, NULL, 0, U->len[u], &out[u], &m);
 }
@@ -254,7 +254,7 @@ OC_CLONES static void oc_unit_sumsq_run(const oc_list *L, int s, const oc_units 
 
 static inline __attribute__((always_inline)) void
 oc_unit_scale_one(const oc_list *L, int s, const oc_units *U, const float *f, int64_t u) {
-    float *x = L->slots[s][U->tensor[u]] + U->start[u];
+    float *x = (float *)L->slots[s][U->tensor[u]] + U->start[u];
     const float k = f[u];
     const int64_t n = U->len[u];
     if (k != 1.0f)

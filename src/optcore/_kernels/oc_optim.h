@@ -1,7 +1,17 @@
 /* Fused in-place optimizer updates over a table of float32 tensors.
  *
  * Slots of the oc_list: 0 parameter, 1 gradient, 2 gradient accumulator (optional), 3..5 the
- * rule's state buffers. Every buffer is read and written once per call.
+ * rule's state buffers, 6 a model copy of the parameter (optional), 7 the Kahan compensation
+ * of a bfloat16 parameter (optional). Every buffer is read and written once per call.
+ *
+ * Low precision (oc_lowp.h): a chunk whose slots are all float32 runs the rule on the buffers
+ * directly. Otherwise, per tile, the parameter, gradient and state slots stored in another
+ * format are converted into float32 tiles (L1), the same rule runs on them, and they are
+ * stored back in their format in the same sweep: bfloat16 state with stochastic rounding,
+ * 8-bit state requantized per block with its new absmax, a bfloat16 parameter rounded to
+ * nearest, stochastically or with its compensation (p = bf16 + comp, split again after the
+ * update), and the model copy written as bfloat16 rounded to nearest from the float32
+ * parameter.
  *
  * Per tile, the gradient the rule sees is
  *     g = clamp((grad + acc) * scale * tensor_scale[t], +-clamp) + weight_decay * p
@@ -15,8 +25,7 @@
 #define OC_OPTIM_H
 
 #include "oc_common.h"
-
-#define OC_RESTRICT __restrict__
+#include "oc_lowp.h"
 
 typedef struct {
     float scale;               /* gradient multiplier: grad_scale, negated for maximize */
@@ -25,6 +34,8 @@ typedef struct {
     float weight_decay;        /* coupled L2: g += weight_decay * p */
     float decay;               /* decoupled weight decay factor applied to p first; 1 when off */
     float l1_thresh;           /* soft threshold of the L1 proximal step; 0 when off */
+    uint32_t rng_key;          /* oc_rng_key(seed, step): stochastic rounding of this step */
+    int param_sr;              /* a bfloat16 parameter is rounded stochastically (else to nearest) */
 } oc_gradopts;
 
 /* The gradient of one tile as the rule sees it. Returns `grad` itself when nothing changes it,
@@ -220,6 +231,60 @@ oc_nadam_tile(const oc_nadam_h *h, const float *OC_RESTRICT g, float *OC_RESTRIC
 
 /* ---- drivers: one parallel sweep over the chunks of the table ------------------------- */
 
+enum { OC_SLOT_COPY = 6, OC_SLOT_COMP = 7 };
+
+/* Whether every slot of chunk c is float32. */
+static inline int oc_chunk_all_f32(const oc_list *L, int64_t c) {
+    const int64_t t = L->chunk_tensor[c];
+    for (int s = 0; s < OC_MAX_SLOTS; s++)
+        if (L->slots[s] != NULL && L->kinds[s] != NULL && L->kinds[s][t] != OC_F32) return 0;
+    return 1;
+}
+
+/* The slots of chunk c with their formats, at the chunk's first element. */
+static inline void oc_lp_slots(const oc_list *L, int64_t c, uint32_t key, oc_lp_slot *out) {
+    const int64_t t = L->chunk_tensor[c], start = L->chunk_start[c];
+    for (int s = 0; s < OC_MAX_SLOTS; s++) {
+        oc_lp_slot *o = &out[s];
+        o->data = NULL;
+        o->absmax = NULL;
+        o->kind = OC_F32;
+        o->base = 0;
+        if (L->slots[s] == NULL) continue;
+        o->kind = L->kinds[s] != NULL ? L->kinds[s][t] : OC_F32;
+        const int64_t size = o->kind == OC_F32 ? 4 : (o->kind == OC_BF16 ? 2 : 1);
+        o->data = (char *)L->slots[s][t] + start * size;
+        if (o->kind == OC_Q8S || o->kind == OC_Q8U) o->absmax = L->absmax[s][t] + start / OC_Q8_BLOCK;
+        o->base = oc_rng_base(key, t, s);
+    }
+}
+
+/* Tile [i, i + n) of a slot as float32: the slot itself, or `buf` filled from it. */
+static inline __attribute__((always_inline)) float *
+oc_lp_tile(const oc_lp_slot *s, float *buf, int64_t i, int64_t n) {
+    if (s->data == NULL) return NULL;
+    if (s->kind == OC_F32) return (float *)s->data + i;
+    oc_lp_load(buf, s, i, n);
+    return buf;
+}
+
+/* A bfloat16 parameter with compensation, as float32: p + comp. */
+static inline __attribute__((always_inline)) void
+oc_kahan_load(float *OC_RESTRICT p, const uint16_t *OC_RESTRICT pb, const uint16_t *OC_RESTRICT cb,
+              int64_t n) {
+    for (int64_t i = 0; i < n; i++) p[i] = oc_bf16_to_f32(pb[i]) + oc_bf16_to_f32(cb[i]);
+}
+
+static inline __attribute__((always_inline)) void
+oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *OC_RESTRICT p,
+               int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t b = oc_f32_to_bf16_rne(p[i]);
+        pb[i] = b;
+        cb[i] = oc_f32_to_bf16_rne(p[i] - oc_bf16_to_f32(b));
+    }
+}
+
 #define OC_DEFINE_UPDATE(NAME, H_T, TILE)                                                    \
     static inline __attribute__((always_inline)) void NAME##_chunk(                         \
         const oc_list *L, const oc_gradopts *o, const H_T *h, int64_t c) {                   \
@@ -239,9 +304,53 @@ oc_nadam_tile(const oc_nadam_h *h, const float *OC_RESTRICT g, float *OC_RESTRIC
             oc_l1_tile(p + i, m, o->l1_thresh);                                              \
         }                                                                                     \
     }                                                                                         \
+    static inline __attribute__((always_inline)) void NAME##_lp_chunk(                      \
+        const oc_list *L, const oc_gradopts *o, const H_T *h, int64_t c) {                   \
+        float gbuf[OC_TILE] __attribute__((aligned(64)));                                    \
+        float graw[OC_TILE] __attribute__((aligned(64)));                                    \
+        float pbuf[OC_TILE] __attribute__((aligned(64)));                                    \
+        float sbuf[3][OC_TILE] __attribute__((aligned(64)));                                 \
+        oc_lp_slot S[OC_MAX_SLOTS];                                                          \
+        oc_lp_slots(L, c, o->rng_key, S);                                                    \
+        const int64_t n = oc_chunk_len(L, c), start = L->chunk_start[c];                     \
+        float s = o->scale;                                                                   \
+        if (o->tensor_scale != NULL) s = s * o->tensor_scale[L->chunk_tensor[c]];            \
+        const float *acc = oc_slot(L, 2, c);                                                 \
+        const oc_lp_slot *P = &S[0], *K = &S[OC_SLOT_COMP], *MC = &S[OC_SLOT_COPY];          \
+        oc_prefetch_next(L, c);                                                              \
+        for (int64_t i = 0; i < n; i += OC_TILE) {                                           \
+            const int64_t m = n - i < OC_TILE ? n - i : OC_TILE;                             \
+            float *pt;                                                                        \
+            if (K->data != NULL) {                                                            \
+                oc_kahan_load(pbuf, (const uint16_t *)P->data + i,                           \
+                              (const uint16_t *)K->data + i, m);                             \
+                pt = pbuf;                                                                    \
+            } else {                                                                          \
+                pt = oc_lp_tile(P, pbuf, i, m);                                               \
+            }                                                                                 \
+            const float *gt = oc_lp_tile(&S[1], graw, i, m);                                  \
+            const float *g = oc_grad_tile(gbuf, gt, acc ? acc + i : NULL, pt, m, s, o);       \
+            oc_decay_tile(pt, m, o->decay);                                                   \
+            float *t1 = oc_lp_tile(&S[3], sbuf[0], i, m);                                     \
+            float *t2 = oc_lp_tile(&S[4], sbuf[1], i, m);                                     \
+            float *t3 = oc_lp_tile(&S[5], sbuf[2], i, m);                                     \
+            TILE(h, g, pt, t1, t2, t3, m);                                                    \
+            oc_l1_tile(pt, m, o->l1_thresh);                                                  \
+            for (int k = 0; k < 3; k++)                                                       \
+                if (S[3 + k].data != NULL && S[3 + k].kind != OC_F32)                         \
+                    oc_lp_store(&S[3 + k], sbuf[k], i, m, 1, start + i);                      \
+            if (K->data != NULL)                                                              \
+                oc_kahan_store((uint16_t *)P->data + i, (uint16_t *)K->data + i, pbuf, m);   \
+            else if (P->kind != OC_F32)                                                       \
+                oc_lp_store(P, pbuf, i, m, o->param_sr, start + i);                           \
+            if (MC->data != NULL) oc_lp_store(MC, pt, i, m, 0, start + i);                   \
+        }                                                                                     \
+    }                                                                                         \
     OC_CLONES static void NAME(const oc_list *L, const oc_gradopts *o, const H_T *h,         \
                                const oc_exec *ex) {                                           \
-        OC_FOR_EACH_CHUNK(L, ex, c, NAME##_chunk(L, o, h, c));                               \
+        OC_FOR_EACH_CHUNK(L, ex, c,                                                           \
+                          if (oc_chunk_all_f32(L, c)) NAME##_chunk(L, o, h, c);               \
+                          else NAME##_lp_chunk(L, o, h, c));                                  \
     }
 
 OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile)

@@ -35,7 +35,11 @@ static inline oc_list oc_probe_list(int64_t n) {
     L.lengths = NULL;
     L.chunk_tensor = NULL;
     L.chunk_start = NULL;
-    for (int s = 0; s < OC_MAX_SLOTS; s++) L.slots[s] = NULL;
+    for (int s = 0; s < OC_MAX_SLOTS; s++) {
+        L.slots[s] = NULL;
+        L.kinds[s] = NULL;
+        L.absmax[s] = NULL;
+    }
     return L;
 }
 

@@ -18,7 +18,6 @@
 
 #include "oc_common.h"
 
-#define OC_RESTRICT __restrict__
 #define OC_TF_LANES 16     /* float32 partial sums per block (one AVX-512 register) */
 #define OC_BLOCK 1024   /* elements per float32 block before folding into float64 */
 

@@ -1,0 +1,56 @@
+"""One Adam step with low-precision state, side by side with torch's fused float32 Adam.
+
+Implementations, on one tensor of 16M and 64M elements at 2 threads:
+``torch-fused-fp32`` (the reference), ``torch-fused-bf16`` (bf16 params and grads; torch keeps
+bf16 state), ``optcore-float32``, ``optcore-bfloat16`` (bf16 state, stochastic rounding) and
+``optcore-int8`` (8-bit block-wise state). ``extra_info`` records the bytes each step moves
+(params + grads + state: 28, 20 and 16 + 1/64 B/element for optcore) against the probe's Adam
+sweep bandwidth (``pattern="adam"``). ``OPTCORE_BENCH_SMOKE=1`` shrinks to 64k elements.
+"""
+import numpy as np
+import pytest
+
+import optcore
+from optcore import bench as ob
+
+from conftest import SMOKE, SMOKE_MAX_ELEMENTS
+
+SIZES = {"16M": 1 << 24, "64M": 1 << 26}
+IMPLS = ["torch-fused-fp32", "torch-fused-bf16", "optcore-float32", "optcore-bfloat16",
+         "optcore-int8"]
+BYTES = {"torch-fused-fp32": 28, "torch-fused-bf16": 14, "optcore-float32": 28,
+         "optcore-bfloat16": 20, "optcore-int8": 16 + 4 / 256}
+
+
+def _stepper(impl, n):
+    if impl.startswith("torch"):
+        torch = ob.torch_available()
+        if torch is None:
+            pytest.skip("torch is not installed")
+        dtype = torch.bfloat16 if impl.endswith("bf16") else torch.float32
+        p = torch.randn(n, dtype=dtype)
+        p.grad = torch.randn(n, dtype=dtype) * 1e-3
+        return torch.optim.Adam([p], lr=1e-3, fused=True).step
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(n, dtype=np.float32)
+    g = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
+    return optcore.Adam([(p, g)], lr=1e-3, state_dtype=impl.split("-")[1]).step
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_adam_lowp(benchmark, size, impl):
+    n = min(SIZES[size], SMOKE_MAX_ELEMENTS) if SMOKE else SIZES[size]
+    step = _stepper(impl, n)
+    torch = ob.torch_available()
+    optcore.set_num_threads(2)
+    before = torch.get_num_threads() if torch is not None else None
+    if torch is not None:
+        torch.set_num_threads(2)
+    try:
+        benchmark.extra_info.update(elements=n, bytes=BYTES[impl] * n, pattern="adam", threads=2)
+        benchmark.pedantic(step, rounds=3 if SMOKE else 10, iterations=1, warmup_rounds=1)
+    finally:
+        optcore.set_num_threads(None)
+        if torch is not None:
+            torch.set_num_threads(before)

@@ -1,0 +1,266 @@
+/* Low-precision element formats of the update kernels: bfloat16 and 8-bit block-wise
+ * quantized state, converted tile by tile in registers/L1 inside the update sweep.
+ *
+ * bfloat16 <-> float32 by integer operations on the bits (they vectorize on any x86-64 ISA):
+ *   - widening is exact: the 16 bits become the top half of the float32;
+ *   - round to nearest even: add 0x7FFF + (bit 16) and keep the top half (NaN stays quiet NaN);
+ *   - stochastic rounding: add 16 random bits and keep the top half, so that
+ *     E[round(x)] = x. The bits come from a counter-based hash of (seed, step, tensor, slot,
+ *     element index): the same for any thread count or schedule.
+ *
+ * 8-bit state (Dettmers, Lewis, Shleifer, Zettlemoyer 2022, "8-bit Optimizers via Block-wise
+ * Quantization", ICLR): each block of OC_Q8_BLOCK elements stores one float32 absmax and one
+ * byte per element, a code of the dynamic (tree) data type applied to x / absmax. Decimal
+ * level i = 0..6 (scale s_i = 10^(i-6)) holds K_i values s_i (0.1 + 0.9 (j + 1/2) / K_i),
+ * j = 0..K_i-1, the midpoints of K_i equal steps of [0.1 s_i, s_i]:
+ *   signed code (first moments):    byte = sign << 7 | u, u = K_i + j, K_i = 2^i   (u in 1..127)
+ *   unsigned code (second moments): byte = u,             u = K_i + j, K_i = 2^(i+1) (u in 2..255)
+ * u = 0 is 0.0; the byte 0x80 (signed) or 1 (unsigned) is exactly 1.0, so the element holding
+ * the block's absmax is exact when positive. These are the values of bitsandbytes'
+ * create_dynamic_map(signed) (127 or 254 levels, zero and one). Quantization picks the
+ * nearest code arithmetically, without a search: the decimal level by comparisons against the
+ * six midpoints between levels, then j by one multiply inside the level's linear grid. One
+ * exception: with the unsigned code a positive value never rounds to 0 but at least to the
+ * smallest code (the "zero-point problem" of second moments, Li, Chen, Zhu 2023, "Memory
+ * Efficient Optimizers with 4-bit States"): a second moment flushed to 0 under a surviving
+ * first moment makes the next Adam step m / eps. On the MLP problem this took 8-bit Adam's
+ * final loss from +19% to within 1% of float32 Adam's.
+ */
+#ifndef OC_LOWP_H
+#define OC_LOWP_H
+
+#include <string.h>
+#include "oc_common.h"
+
+enum { OC_F32 = 0, OC_BF16 = 1, OC_Q8S = 2, OC_Q8U = 3 };
+
+#define OC_Q8_BLOCK 256
+#define OC_Q8_LEVELS 7
+
+/* ---- bit casts and the hash -------------------------------------------------------------- */
+
+static inline __attribute__((always_inline)) uint32_t oc_bits(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    return u;
+}
+
+static inline __attribute__((always_inline)) float oc_float(uint32_t u) {
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* A 32-bit integer mixer (two multiply-xorshift rounds; "lowbias32", C. Wellons 2018): every
+ * input bit changes each output bit with probability ~1/2. */
+static inline __attribute__((always_inline)) uint32_t oc_mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15;
+    x *= 0xd35a2d97u;
+    x ^= x >> 15;
+    return x;
+}
+
+/* The key of one (seed, step) pair, and of one tensor's slot under it; element i of that
+ * tensor then draws oc_mix32(base + i). */
+static inline uint32_t oc_rng_key(uint32_t seed, uint32_t step) {
+    return oc_mix32(seed ^ oc_mix32(step + 0x9e3779b9u));
+}
+
+static inline uint32_t oc_rng_base(uint32_t key, int64_t tensor, int slot) {
+    return oc_mix32(key ^ oc_mix32((uint32_t)tensor * 16u + (uint32_t)slot + 0x85ebca6bu));
+}
+
+/* ---- bfloat16 ---------------------------------------------------------------------------- */
+
+static inline __attribute__((always_inline)) float oc_bf16_to_f32(uint16_t b) {
+    return oc_float((uint32_t)b << 16);
+}
+
+static inline __attribute__((always_inline)) uint16_t oc_f32_to_bf16_rne(float x) {
+    uint32_t u = oc_bits(x);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(x != x ? ((u >> 16) | 0x40u) : r);
+}
+
+/* Stochastic rounding with 16 random bits r: rounds up with probability (x - down) / ulp. */
+static inline __attribute__((always_inline)) uint16_t oc_f32_to_bf16_sr(float x, uint32_t r) {
+    uint32_t u = oc_bits(x);
+    uint32_t s = (u + (r & 0xffffu)) >> 16;
+    return (uint16_t)(x != x ? ((u >> 16) | 0x40u) : s);
+}
+
+static inline __attribute__((always_inline)) void
+oc_bf16_load(float *OC_RESTRICT dst, const uint16_t *OC_RESTRICT src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = oc_bf16_to_f32(src[i]);
+}
+
+static inline __attribute__((always_inline)) void
+oc_bf16_store_rne(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_bf16_rne(src[i]);
+}
+
+/* `base` keys the tensor's slot, `first` is the index of src[0] in the tensor. */
+static inline __attribute__((always_inline)) void
+oc_bf16_store_sr(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64_t n,
+                 uint32_t base, int64_t first) {
+    const uint32_t b = base + (uint32_t)first;
+    for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_bf16_sr(src[i], oc_mix32(b + (uint32_t)i));
+}
+
+/* ---- 8-bit dynamic code ------------------------------------------------------------------ */
+
+/* Constants of one code (filled once by oc_q8_init, from float64 arithmetic). */
+typedef struct {
+    float value[256];            /* the code: value of each byte, in [-1, 1] */
+    float lo;                    /* |a| below: code 0 */
+    float hi;                    /* |a| at or above: the one code (or the top level) */
+    float bound[OC_Q8_LEVELS];   /* bound[i]: |a| at or above is level i or higher (bound[0] unused) */
+    float mul[OC_Q8_LEVELS];     /* j = floor(|a| * mul[i] - k[i] / 9) inside level i */
+    int32_t k[OC_Q8_LEVELS];     /* values in level i */
+} oc_q8_code;
+
+static oc_q8_code oc_q8_codes[2];  /* [0] unsigned, [1] signed */
+
+static inline double oc_q8_level_value(int i, int64_t k, int64_t j) {
+    static const double scale[OC_Q8_LEVELS] = {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0};
+    return scale[i] * (0.1 + 0.9 * ((double)j + 0.5) / (double)k);
+}
+
+static inline void oc_q8_init_one(oc_q8_code *q, int is_signed) {
+    static const double scale[OC_Q8_LEVELS] = {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0};
+    for (int b = 0; b < 256; b++) q->value[b] = 0.0f;
+    for (int i = 0; i < OC_Q8_LEVELS; i++) {
+        int64_t k = is_signed ? ((int64_t)1 << i) : ((int64_t)2 << i);
+        q->k[i] = (int32_t)k;
+        q->mul[i] = (float)((double)k / (0.9 * scale[i]));
+        for (int64_t j = 0; j < k; j++) {
+            float v = (float)oc_q8_level_value(i, k, j);
+            q->value[k + j] = v;
+            if (is_signed) q->value[0x80 | (k + j)] = -v;
+        }
+        if (i > 0) {
+            int64_t kp = is_signed ? ((int64_t)1 << (i - 1)) : ((int64_t)2 << (i - 1));
+            q->bound[i] = (float)(0.5 * (oc_q8_level_value(i - 1, kp, kp - 1)
+                                         + oc_q8_level_value(i, k, 0)));
+        } else {
+            q->bound[0] = 0.0f;
+        }
+    }
+    int64_t k0 = q->k[0], k6 = q->k[OC_Q8_LEVELS - 1];
+    q->lo = (float)(0.5 * oc_q8_level_value(0, k0, 0));
+    q->hi = (float)(0.5 * (oc_q8_level_value(OC_Q8_LEVELS - 1, k6, k6 - 1) + 1.0));
+    q->value[is_signed ? 0x80 : 1] = 1.0f;
+}
+
+static inline void oc_q8_init(void) {
+    oc_q8_init_one(&oc_q8_codes[0], 0);
+    oc_q8_init_one(&oc_q8_codes[1], 1);
+}
+
+/* Quantize n <= OC_Q8_BLOCK values into one block: absmax, then one byte per value, the
+ * nearest code of a = |x| / absmax: the level from comparisons with the bounds between levels,
+ * j by one multiply inside the level's grid. A block holding a NaN gets a NaN absmax (every
+ * value reads back NaN, as float32 state would propagate it); an all-zero block gets absmax 0
+ * and reads back zeros. */
+static inline __attribute__((always_inline)) void
+oc_q8_block_store(uint8_t *OC_RESTRICT dst, float *OC_RESTRICT absmax,
+                  const float *OC_RESTRICT src, int64_t n, int is_signed) {
+    const oc_q8_code *q = &oc_q8_codes[is_signed];
+    float bound[OC_Q8_LEVELS], mul[OC_Q8_LEVELS], kf[OC_Q8_LEVELS];
+    for (int i = 0; i < OC_Q8_LEVELS; i++) {
+        bound[i] = q->bound[i];
+        mul[i] = q->mul[i];
+        kf[i] = (float)q->k[i];
+    }
+    const float ninth = 1.0f / 9.0f;  /* j = floor(K (a / s - 0.1) / 0.9) = floor(a mul - K / 9) */
+    const float lo = q->lo, hi = q->hi;
+    /* |x| as bits: unsigned order is float order, and NaN sorts above inf */
+    uint32_t mb = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b = oc_bits(src[i]) & 0x7fffffffu;
+        mb = b > mb ? b : mb;
+    }
+    const float mx = oc_float(mb);
+    *absmax = mx;
+    const float inv = mx > 0.0f ? 1.0f / mx : 0.0f;
+    /* written with selects and integer masks only, so that it vectorizes */
+    for (int64_t i = 0; i < n; i++) {
+        const float a = fabsf(src[i]) * inv;
+        float m = mul[0], k = kf[0];
+#define OC_Q8_LEVEL(l) m = a >= bound[l] ? mul[l] : m; k = a >= bound[l] ? kf[l] : k;
+        OC_Q8_LEVEL(1) OC_Q8_LEVEL(2) OC_Q8_LEVEL(3) OC_Q8_LEVEL(4) OC_Q8_LEVEL(5) OC_Q8_LEVEL(6)
+#undef OC_Q8_LEVEL
+        float t = a * m - k * ninth;
+        t = t > 0.0f ? t : 0.0f;                       /* NaN -> 0 */
+        t = t < k - 1.0f ? t : k - 1.0f;
+        int32_t u = (int32_t)(k + t);                  /* k + floor(t): t >= 0 truncates down */
+        /* below lo: 0, except that a positive second moment keeps the smallest code */
+        u &= -(int32_t)(is_signed ? (a >= lo) : (a > 0.0f));
+        const int32_t top = -(int32_t)(a >= hi);       /* at or above hi: the one code */
+        int32_t code;
+        if (is_signed) {  /* +1 is 128; -1 is not a code: the most negative one, 255 */
+            const int32_t base = (u & ~top) | (127 & top);
+            const int32_t neg = -(int32_t)((oc_bits(src[i]) >> 31) & (uint32_t)(base != 0));
+            code = (neg & (base | 128)) | (~neg & ((base & ~top) | (128 & top)));
+        } else {
+            code = (u & ~top) | (1 & top);
+        }
+        dst[i] = (uint8_t)code;
+    }
+}
+
+static inline __attribute__((always_inline)) void
+oc_q8_block_load(float *OC_RESTRICT dst, const uint8_t *OC_RESTRICT src, float absmax, int64_t n,
+                 int is_signed) {
+    const float *v = oc_q8_codes[is_signed].value;
+    for (int64_t i = 0; i < n; i++) dst[i] = v[src[i]] * absmax;
+}
+
+/* ---- one tile of a slot of any format: load into float32, store back -------------------- */
+
+/* A slot of one chunk: its data at the chunk's first element, its format, the absmax of the
+ * chunk's first block (8-bit) and the random base (bfloat16 state with stochastic rounding). */
+typedef struct {
+    void *data;
+    float *absmax;
+    int kind;
+    uint32_t base;
+} oc_lp_slot;
+
+static inline __attribute__((always_inline)) void
+oc_lp_load(float *OC_RESTRICT dst, const oc_lp_slot *s, int64_t off, int64_t n) {
+    if (s->kind == OC_BF16) {
+        oc_bf16_load(dst, (const uint16_t *)s->data + off, n);
+    } else {
+        for (int64_t b = 0; b < n; b += OC_Q8_BLOCK) {
+            const int64_t m = n - b < OC_Q8_BLOCK ? n - b : OC_Q8_BLOCK;
+            const uint8_t *q = (const uint8_t *)s->data + off + b;
+            const float am = s->absmax[(off + b) / OC_Q8_BLOCK];
+            if (s->kind == OC_Q8S) oc_q8_block_load(dst + b, q, am, m, 1);  /* constant sign: */
+            else oc_q8_block_load(dst + b, q, am, m, 0);                    /* no branch inside */
+        }
+    }
+}
+
+/* `first` is the index in the tensor of element `off` of the slot (for the random bits). */
+static inline __attribute__((always_inline)) void
+oc_lp_store(const oc_lp_slot *s, const float *OC_RESTRICT src, int64_t off, int64_t n,
+            int stochastic, int64_t first) {
+    if (s->kind == OC_BF16) {
+        uint16_t *d = (uint16_t *)s->data + off;
+        if (stochastic) oc_bf16_store_sr(d, src, n, s->base, first);
+        else oc_bf16_store_rne(d, src, n);
+    } else {
+        for (int64_t b = 0; b < n; b += OC_Q8_BLOCK) {
+            const int64_t m = n - b < OC_Q8_BLOCK ? n - b : OC_Q8_BLOCK;
+            uint8_t *q = (uint8_t *)s->data + off + b;
+            float *am = s->absmax + (off + b) / OC_Q8_BLOCK;
+            if (s->kind == OC_Q8S) oc_q8_block_store(q, am, src + b, m, 1);
+            else oc_q8_block_store(q, am, src + b, m, 0);
+        }
+    }
+}
+
+#endif /* OC_LOWP_H */
