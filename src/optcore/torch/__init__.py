@@ -9,7 +9,8 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise ImportError(
         "optcore.torch needs PyTorch; install it with pip install 'optcore[torch]' "
-        "(optcore is tested with torch==2.13.0, CPU build)"
+        "(optcore is tested with torch==2.13.0, CPU build)",
+        name="torch",
     ) from exc
 
 from optcore.torch.clip import (  # noqa: E402
