@@ -55,6 +55,22 @@ def _extent(a):
     return start, start + a.nbytes
 
 
+def first_overlap(start, end):
+    """Indices ``(i, j)`` of two non-empty extents ``[start, end)`` that overlap, or None.
+
+    One stable sort by start: if any two extents overlap, two neighbours in that order do,
+    so the check is O(n log n) for n extents. Empty extents never overlap.
+    """
+    start = np.asarray(start, dtype=np.uint64)
+    end = np.asarray(end, dtype=np.uint64)
+    live = np.flatnonzero(end > start)
+    order = live[np.argsort(start[live], kind="stable")]
+    clash = np.flatnonzero(start[order[1:]] < end[order[:-1]])
+    if clash.size == 0:
+        return None
+    return int(order[clash[0]]), int(order[clash[0] + 1])
+
+
 def no_overlap(named_lists):
     """Check that no two of the given arrays share memory.
 

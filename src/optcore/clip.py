@@ -82,18 +82,11 @@ def _no_overlap(names, addrs, sizes):
     """Vectorized ``optcore._checks.no_overlap`` over address/size arrays of several
     arguments (``names``: the argument name of each list)."""
     start = np.concatenate(addrs).astype(np.uint64)
-    end = start + np.concatenate(sizes).astype(np.uint64)
-    label = np.concatenate([np.full(len(a), k) for k, a in enumerate(addrs)]).astype(np.int64)
-    index = np.concatenate([np.arange(len(a)) for a in addrs]).astype(np.int64)
-    keep = end > start
-    start, end, label, index = start[keep], end[keep], label[keep], index[keep]
-    order = np.argsort(start, kind="stable")
-    start, end, label, index = start[order], end[order], label[order], index[order]
-    clash = np.flatnonzero(start[1:] < end[:-1])
-    if clash.size:
-        i = int(clash[0])
-        a = f"{names[label[i]]}[{index[i]}]"
-        b = f"{names[label[i + 1]]}[{index[i + 1]}]"
+    pair = ck.first_overlap(start, start + np.concatenate(sizes).astype(np.uint64))
+    if pair is not None:
+        label = np.concatenate([np.full(len(a), k) for k, a in enumerate(addrs)])
+        index = np.concatenate([np.arange(len(a)) for a in addrs])
+        a, b = (f"{names[label[i]]}[{index[i]}]" for i in pair)
         raise ValueError(f"{a} and {b} share memory; each buffer must be distinct")
 
 

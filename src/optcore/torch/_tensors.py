@@ -10,6 +10,8 @@ as long as every buffer of one tensor (parameter, gradient, state) shares the sa
 import numpy as np
 import torch
 
+from optcore import _checks as ck
+
 
 def describe(t):
     """A short description of a tensor for error messages."""
@@ -78,11 +80,9 @@ def no_overlap(names, tensors):
     if len(tensors) < 2:
         return
     start = addresses(tensors)
-    end = start + (lengths(tensors) * np.fromiter(
-        (t.element_size() for t in tensors), dtype=np.int64, count=len(tensors))).astype(np.uint64)
-    live = np.flatnonzero(end > start)
-    order = live[np.argsort(start[live], kind="stable")]
-    clash = np.flatnonzero(start[order[1:]] < end[order[:-1]])
-    if clash.size:
-        a, b = sorted((order[clash[0]], order[clash[0] + 1]))
+    nbytes = lengths(tensors) * np.fromiter(
+        (t.element_size() for t in tensors), dtype=np.int64, count=len(tensors))
+    pair = ck.first_overlap(start, start + nbytes.astype(np.uint64))
+    if pair is not None:
+        a, b = sorted(pair)
         raise ValueError(f"{names[a]} and {names[b]} share memory; every buffer must be distinct")
