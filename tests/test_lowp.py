@@ -106,14 +106,90 @@ def test_bfloat16_conversions_match_ml_dtypes():
     x = np.concatenate([bits.view(np.float32), np.array([np.inf, -np.inf, 0.0, -0.0, 3.0e38],
                                                         np.float32)])
     got = np.empty(x.size, np.uint16)
-    _optim.bf16_encode(x, got)
+    _optim.half_encode(x, got, _optim.BF16)
     nan = np.isnan(x)
     want = x[~nan].astype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(got[~nan], want.view(np.uint16))
     back = np.empty(x.size, np.float32)
-    _optim.bf16_decode(got, back)
+    _optim.half_decode(got, back, _optim.BF16)
     assert np.all(np.isnan(back[nan]))
     np.testing.assert_array_equal(back[~nan], want.astype(np.float32))
+
+
+def test_float16_decode_is_exact_for_every_half():
+    """All 65536 halves (subnormals, inf, NaN included) widen as NumPy's astype does."""
+    bits = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
+    back = np.empty(bits.size, np.float32)
+    _optim.half_decode(bits, back, _optim.F16)
+    want = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(back), nan)
+    np.testing.assert_array_equal(back[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+def test_float16_rounding_to_nearest_matches_numpy():
+    """Narrowing is IEEE round-to-nearest-even as NumPy's astype: random bit patterns, every
+    tie (halfway between two halves, normal and subnormal), overflow to inf, NaN stays NaN."""
+    rng = np.random.default_rng(4)
+    rand = rng.integers(0, 2**32, 200000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    halves = np.arange(0x7c00, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+    ties = ((halves[:-1] + halves[1:]) / 2).astype(np.float32)  # exact in float32
+    small = (rng.standard_normal(100000) * 10.0 ** rng.uniform(-9, 5, 100000)).astype(np.float32)
+    edges = np.array([65504, 65519.99, 65520, 65536, 1e9, np.inf, 0.0, -0.0, 2**-25, 2**-24,
+                      3 * 2**-26, 6.1e-5, 2**-14], np.float32)
+    x = np.concatenate([rand, ties, -ties, small, edges, -edges])
+    got = np.empty(x.size, np.uint16)
+    _optim.half_encode(x, got, _optim.F16)
+    nan = np.isnan(x)
+    with np.errstate(over="ignore"):
+        want = x[~nan].astype(np.float16)
+    np.testing.assert_array_equal(got[~nan], want.view(np.uint16))
+    assert np.all(np.isnan(got[nan].view(np.float16)))
+
+
+@pytest.mark.parametrize("kind", ["BF16", "F16"])
+def test_stochastic_rounding_is_unbiased_between_neighbours(kind):
+    """Stochastic rounding gives one of the two neighbouring 16-bit values, up with
+    probability (x - down) / (up - down): over 2^16 draws of each x the mean is x within 5
+    standard deviations of a Bernoulli mean (plus the 2^-16 resolution of the random bits)."""
+    k = getattr(_optim, kind)
+    dtype = ml_dtypes.bfloat16 if kind == "BF16" else np.float16
+    rng = np.random.default_rng(5)
+    base = np.array([1.0, -3.0, 1000.0, 1e-3, 6e-6, 1e-7, 3e-8, 60000.0], np.float32)
+    if kind == "BF16":
+        base = np.concatenate([base, np.array([1e-30, 3e30], np.float32)])
+    draws = 1 << 16
+    for b in base:
+        lo = np.float32(np.array(b, np.float32).astype(dtype).astype(np.float32))
+        up = np.nextafter(np.array(lo, dtype), np.array(np.inf if b > 0 else -np.inf, dtype))
+        frac = rng.uniform(0.05, 0.95)
+        x = np.float32(lo + frac * (np.float32(up.astype(np.float32)) - lo))
+        xs = np.full(draws, x, np.float32)
+        bits = np.empty(draws, np.uint16)
+        _optim.half_encode(xs, bits, k, seed=int(rng.integers(2**32)))
+        vals = bits.view(dtype).astype(np.float64)
+        assert set(np.unique(vals)) <= {float(lo), float(up.astype(np.float64))}, (b, np.unique(vals))
+        p = (float(x) - float(lo)) / (float(up.astype(np.float64)) - float(lo))
+        got = (np.mean(vals) - float(lo)) / (float(up.astype(np.float64)) - float(lo))
+        assert abs(got - p) <= 5 * np.sqrt(p * (1 - p) / draws) + 2.0**-15, (b, got, p)
+
+
+def test_stochastic_rounding_keeps_representable_values_and_specials():
+    for kind, dtype in ((_optim.BF16, ml_dtypes.bfloat16), (_optim.F16, np.float16)):
+        exact = np.array([0.0, -0.0, 1.0, -2.5, np.inf, -np.inf, 2.0**-14, 2.0**-24], np.float32)
+        if kind == _optim.BF16:
+            exact = np.concatenate([exact, np.array([2.0**-130, 2.0**127], np.float32)])
+        bits = np.empty(exact.size, np.uint16)
+        _optim.half_encode(exact, bits, kind, seed=9)
+        np.testing.assert_array_equal(bits.view(dtype).astype(np.float32), exact)
+        nan = np.full(4, np.nan, np.float32)
+        _optim.half_encode(nan, bits[:4], kind, seed=9)
+        assert np.all(np.isnan(bits[:4].view(dtype).astype(np.float32)))
+
+
+def test_half_conversions_refuse_other_kinds():
+    with pytest.raises(ValueError, match="kind"):
+        _optim.half_encode(np.zeros(2, np.float32), np.zeros(2, np.uint16), _optim.Q8S)
 
 
 def grads_for(p, step):

@@ -107,7 +107,7 @@ class StateBuffer:
             return d.copy()
         out = np.empty(d.size, np.float32)
         if k == _optim.BF16:
-            _optim.bf16_decode(d, out)
+            _optim.half_decode(d, out, _optim.BF16)
         else:
             _optim.q8_dequantize(d, self.absmax[t], out, k == _optim.Q8S)
         return out
@@ -119,7 +119,7 @@ class StateBuffer:
         if k == _optim.F32:
             d[...] = x
         elif k == _optim.BF16:
-            _optim.bf16_encode(x, d)
+            _optim.half_encode(x, d, _optim.BF16)
         else:
             _optim.q8_quantize(x, d, self.absmax[t], k == _optim.Q8S)
 

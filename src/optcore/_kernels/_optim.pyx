@@ -48,12 +48,13 @@ cdef extern from "oc_optim.h" nogil:
 
 
 cdef extern from "oc_lowp.h" nogil:
-    enum: OC_F32, OC_BF16, OC_Q8S, OC_Q8U, OC_Q8_BLOCK
+    enum: OC_F32, OC_BF16, OC_Q8S, OC_Q8U, OC_F16, OC_Q8_BLOCK
     ctypedef struct oc_q8_code:
         float value[256]
     oc_q8_code oc_q8_codes[2]
     void oc_q8_init()
     uint32_t oc_rng_key(uint32_t seed, uint32_t step)
+    uint32_t oc_rng_base(uint32_t key, int64_t tensor, int slot)
     ctypedef struct oc_lp_slot:
         void *data
         float *absmax
@@ -66,7 +67,7 @@ cdef extern from "oc_lowp.h" nogil:
 oc_q8_init()
 
 # Element formats of a slot (TensorList.set_slot_format).
-F32, BF16, Q8S, Q8U = OC_F32, OC_BF16, OC_Q8S, OC_Q8U
+F32, BF16, Q8S, Q8U, F16 = OC_F32, OC_BF16, OC_Q8S, OC_Q8U, OC_F16
 Q8_BLOCK = OC_Q8_BLOCK
 
 
@@ -108,20 +109,32 @@ def q8_dequantize(const uint8_t[::1] codes, const float[::1] absmax, float[::1] 
             oc_lp_load(&out[0], &sl, 0, out.shape[0])
 
 
-def bf16_decode(const uint16_t[::1] bits, float[::1] out):
-    """bfloat16 bits to float32 (exact), with the update kernels' own conversion."""
-    cdef oc_lp_slot sl = _slot(&bits[0] if bits.shape[0] else NULL, NULL, OC_BF16)
+def half_decode(const uint16_t[::1] bits, float[::1] out, int kind):
+    """16-bit floats (``kind`` BF16 or F16, as uint16 bits) to float32, exactly, with the
+    kernels' own conversion."""
+    cdef oc_lp_slot sl = _slot(&bits[0] if bits.shape[0] else NULL, NULL, _half_kind(kind))
     if out.shape[0]:
         with nogil:
             oc_lp_load(&out[0], &sl, 0, out.shape[0])
 
 
-def bf16_encode(const float[::1] x, uint16_t[::1] bits):
-    """float32 to bfloat16 bits, rounded to nearest even (NaN stays NaN)."""
-    cdef oc_lp_slot sl = _slot(&bits[0] if bits.shape[0] else NULL, NULL, OC_BF16)
+def half_encode(const float[::1] x, uint16_t[::1] bits, int kind, seed=None):
+    """float32 to 16-bit floats (``kind`` BF16 or F16, as uint16 bits) with the kernels' own
+    conversion: rounded to nearest even, or, given ``seed``, stochastically with the random
+    bits the update kernels draw for tensor 0, slot 0 at step 0 of that seed."""
+    cdef oc_lp_slot sl = _slot(&bits[0] if bits.shape[0] else NULL, NULL, _half_kind(kind))
+    cdef int stochastic = seed is not None
+    if stochastic:
+        sl.base = oc_rng_base(oc_rng_key(<uint32_t> (seed & 0xffffffff), 0), 0, 0)
     if x.shape[0]:
         with nogil:
-            oc_lp_store(&sl, &x[0], 0, x.shape[0], 0, 0)
+            oc_lp_store(&sl, &x[0], 0, x.shape[0], stochastic, 0)
+
+
+cdef int _half_kind(int kind) except -1:
+    if kind != OC_BF16 and kind != OC_F16:
+        raise ValueError(f"kind must be BF16 ({OC_BF16}) or F16 ({OC_F16}), got {kind}")
+    return kind
 
 
 cdef class GradOpts:

@@ -1,5 +1,5 @@
-/* Low-precision element formats of the update kernels: bfloat16 and 8-bit block-wise
- * quantized state, converted tile by tile in registers/L1 inside the update sweep.
+/* Low-precision element formats of the kernels: bfloat16, IEEE half (float16) and 8-bit
+ * block-wise quantized state, converted tile by tile in registers/L1 inside the sweep.
  *
  * bfloat16 <-> float32 by integer operations on the bits (they vectorize on any x86-64 ISA):
  *   - widening is exact: the 16 bits become the top half of the float32;
@@ -7,6 +7,15 @@
  *   - stochastic rounding: add 16 random bits and keep the top half, so that
  *     E[round(x)] = x. The bits come from a counter-based hash of (seed, step, tensor, slot,
  *     element index): the same for any thread count or schedule.
+ *
+ * float16 <-> float32, also by integer operations (and one float add or subtract on normal
+ * numbers, so that flush-to-zero and denormals-are-zero modes do not change the result):
+ *   - widening is exact, subnormal halves included;
+ *   - round to nearest even, as IEEE 754 (and NumPy's astype): above the largest half
+ *     (65504) by half an ulp or more gives inf, NaN stays a quiet NaN;
+ *   - stochastic rounding with 16 random bits r, in the normal range by adding r to the 13
+ *     dropped mantissa bits (the carry rounds up), in the subnormal range (ulp 2^-24) by
+ *     adding r scaled to the dropped bits of the fixed-point value.
  *
  * 8-bit state (Dettmers, Lewis, Shleifer, Zettlemoyer 2022, "8-bit Optimizers via Block-wise
  * Quantization", ICLR): each block of OC_Q8_BLOCK elements stores one float32 absmax and one
@@ -32,7 +41,7 @@
 #include <string.h>
 #include "oc_common.h"
 
-enum { OC_F32 = 0, OC_BF16 = 1, OC_Q8S = 2, OC_Q8U = 3 };
+enum { OC_F32 = 0, OC_BF16 = 1, OC_Q8S = 2, OC_Q8U = 3, OC_F16 = 4 };
 
 #define OC_Q8_BLOCK 256
 #define OC_Q8_LEVELS 7
@@ -107,6 +116,73 @@ oc_bf16_store_sr(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64_
                  uint32_t base, int64_t first) {
     const uint32_t b = base + (uint32_t)first;
     for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_bf16_sr(src[i], oc_mix32(b + (uint32_t)i));
+}
+
+/* ---- float16 ----------------------------------------------------------------------------- */
+
+static inline __attribute__((always_inline)) float oc_f16_to_f32(uint16_t h) {
+    const uint32_t em = ((uint32_t)h & 0x7fffu) << 13;   /* exponent and mantissa, f32 place */
+    const uint32_t e = em & 0x0f800000u;                 /* the half's exponent field */
+    uint32_t u = em + ((uint32_t)(127 - 15) << 23);      /* rebias */
+    u += e == 0x0f800000u ? ((uint32_t)(128 - 16) << 23) : 0u;  /* inf / NaN: exponent 255 */
+    /* subnormal half: m * 2^-24 = (1.m' * 2^-14) - 2^-14 with the hidden bit added */
+    const float sub = oc_float(u + (1u << 23)) - oc_float(113u << 23);
+    const uint32_t mag = e == 0 ? oc_bits(sub) : u;
+    return oc_float(mag | (((uint32_t)h & 0x8000u) << 16));
+}
+
+static inline __attribute__((always_inline)) uint16_t oc_f32_to_f16_rne(float x) {
+    const uint32_t u = oc_bits(x), a = u & 0x7fffffffu;
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    /* normal half: rebias, then round the 13 dropped bits to nearest even */
+    const uint32_t nrm = (a - ((uint32_t)(127 - 15) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    /* below 2^-14: adding 0.5 leaves the value in units of 2^-24 in the low mantissa bits,
+     * rounded to nearest even by the float add */
+    const float mag = oc_float(a);
+    const uint32_t sub = oc_bits(mag + 0.5f) - oc_bits(0.5f);
+    uint32_t o = a < (113u << 23) ? sub : nrm;
+    o = a >= (143u << 23) ? 0x7c00u : o;                /* >= 65536: inf (and 65520.. via nrm) */
+    o = o > 0x7c00u ? 0x7c00u : o;
+    o = a > 0x7f800000u ? 0x7e00u : o;                  /* NaN */
+    return (uint16_t)(o | sign);
+}
+
+/* Stochastic rounding with 16 random bits r: rounds up with probability (x - down) / ulp
+ * (to 2^-16); overflow past the largest half gives inf. */
+static inline __attribute__((always_inline)) uint16_t oc_f32_to_f16_sr(float x, uint32_t r) {
+    const uint32_t u = oc_bits(x), a = u & 0x7fffffffu;
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    r &= 0xffffu;
+    const uint32_t nrm = (a - ((uint32_t)(127 - 15) << 23) + (r >> 3)) >> 13;
+    /* below 2^-14 the value is M * 2^-s in units of 2^-24 (M the 24-bit significand,
+     * s = 126 - max(E, 1) >= 14): add r at the top of the s dropped bits, then shift */
+    const uint32_t ef = a >> 23;
+    const uint64_t m = (uint64_t)((a & 0x7fffffu) | (ef ? 0x800000u : 0u));
+    uint32_t s = 126u - (ef ? ef : 1u);
+    s = s > 40u ? 40u : s;                               /* below: M * 2^-40 < 2^-16 */
+    const uint32_t sub = (uint32_t)((m + (((uint64_t)r << s) >> 16)) >> s);
+    uint32_t o = a < (113u << 23) ? sub : nrm;
+    o = a >= (143u << 23) ? 0x7c00u : o;
+    o = o > 0x7c00u ? 0x7c00u : o;
+    o = a > 0x7f800000u ? 0x7e00u : o;
+    return (uint16_t)(o | sign);
+}
+
+static inline __attribute__((always_inline)) void
+oc_f16_load(float *OC_RESTRICT dst, const uint16_t *OC_RESTRICT src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = oc_f16_to_f32(src[i]);
+}
+
+static inline __attribute__((always_inline)) void
+oc_f16_store_rne(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_f16_rne(src[i]);
+}
+
+static inline __attribute__((always_inline)) void
+oc_f16_store_sr(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64_t n,
+                uint32_t base, int64_t first) {
+    const uint32_t b = base + (uint32_t)first;
+    for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_f16_sr(src[i], oc_mix32(b + (uint32_t)i));
 }
 
 /* ---- 8-bit dynamic code ------------------------------------------------------------------ */
@@ -221,7 +297,7 @@ oc_q8_block_load(float *OC_RESTRICT dst, const uint8_t *OC_RESTRICT src, float a
 /* ---- one tile of a slot of any format: load into float32, store back -------------------- */
 
 /* A slot of one chunk: its data at the chunk's first element, its format, the absmax of the
- * chunk's first block (8-bit) and the random base (bfloat16 state with stochastic rounding). */
+ * chunk's first block (8-bit) and the random base (16-bit formats with stochastic rounding). */
 typedef struct {
     void *data;
     float *absmax;
@@ -233,6 +309,8 @@ static inline __attribute__((always_inline)) void
 oc_lp_load(float *OC_RESTRICT dst, const oc_lp_slot *s, int64_t off, int64_t n) {
     if (s->kind == OC_BF16) {
         oc_bf16_load(dst, (const uint16_t *)s->data + off, n);
+    } else if (s->kind == OC_F16) {
+        oc_f16_load(dst, (const uint16_t *)s->data + off, n);
     } else {
         for (int64_t b = 0; b < n; b += OC_Q8_BLOCK) {
             const int64_t m = n - b < OC_Q8_BLOCK ? n - b : OC_Q8_BLOCK;
@@ -252,6 +330,10 @@ oc_lp_store(const oc_lp_slot *s, const float *OC_RESTRICT src, int64_t off, int6
         uint16_t *d = (uint16_t *)s->data + off;
         if (stochastic) oc_bf16_store_sr(d, src, n, s->base, first);
         else oc_bf16_store_rne(d, src, n);
+    } else if (s->kind == OC_F16) {
+        uint16_t *d = (uint16_t *)s->data + off;
+        if (stochastic) oc_f16_store_sr(d, src, n, s->base, first);
+        else oc_f16_store_rne(d, src, n);
     } else {
         for (int64_t b = 0; b < n; b += OC_Q8_BLOCK) {
             const int64_t m = n - b < OC_Q8_BLOCK ? n - b : OC_Q8_BLOCK;

@@ -252,7 +252,7 @@ static inline void oc_lp_slots(const oc_list *L, int64_t c, uint32_t key, oc_lp_
         o->base = 0;
         if (L->slots[s] == NULL) continue;
         o->kind = L->kinds[s] != NULL ? L->kinds[s][t] : OC_F32;
-        const int64_t size = o->kind == OC_F32 ? 4 : (o->kind == OC_BF16 ? 2 : 1);
+        const int64_t size = o->kind == OC_F32 ? 4 : (o->kind == OC_BF16 || o->kind == OC_F16 ? 2 : 1);
         o->data = (char *)L->slots[s][t] + start * size;
         if (o->kind == OC_Q8S || o->kind == OC_Q8U) o->absmax = L->absmax[s][t] + start / OC_Q8_BLOCK;
         o->base = oc_rng_base(key, t, s);
