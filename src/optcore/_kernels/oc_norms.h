@@ -13,12 +13,18 @@
  *
  * Units (adaptive clipping): the same block sums over "units" -- contiguous runs of a tensor
  * such as the rows of a weight matrix -- each unit summed by one thread, in order.
+ *
+ * 16-bit gradients: a slot whose format (oc_list.kinds) is bfloat16 or float16 is widened
+ * exactly into float32, block by block in L1, and then summed, scaled or accumulated by the
+ * same float32 code: a norm of a 16-bit slot is bitwise the norm of its float32 widening.
+ * The in-place passes (scale, clamp) round their float32 result back to nearest even.
  */
 #ifndef OC_NORMS_H
 #define OC_NORMS_H
 
 #include <float.h>
 #include "oc_common.h"
+#include "oc_lowp.h"
 
 #define OC_NORM_BLOCK 4096
 #define OC_LANES 32
@@ -27,6 +33,29 @@
  * relative error above 2^-50 of such a sum); above FLT_MAX a lane overflowed. */
 #define OC_SQ_LO 5.421010862427522e-20
 #define OC_SQ_HI ((double)FLT_MAX)
+
+/* The format of slot s of tensor t: float32 unless the table gives formats. */
+static inline int oc_kind(const oc_list *L, int s, int64_t t) {
+    return L->kinds[s] != NULL ? L->kinds[s][t] : OC_F32;
+}
+
+/* Slot s of chunk c, for a 16-bit slot. */
+static inline uint16_t *oc_slot16(const oc_list *L, int s, int64_t c) {
+    return (uint16_t *)L->slots[s][L->chunk_tensor[c]] + L->chunk_start[c];
+}
+
+/* n 16-bit values of format `kind` widened into dst (exact), or float32 rounded back. */
+static inline __attribute__((always_inline)) void
+oc_widen(float *OC_RESTRICT dst, const uint16_t *OC_RESTRICT src, int kind, int64_t n) {
+    if (kind == OC_BF16) oc_bf16_load(dst, src, n);
+    else oc_f16_load(dst, src, n);
+}
+
+static inline __attribute__((always_inline)) void
+oc_narrow(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int kind, int64_t n) {
+    if (kind == OC_BF16) oc_bf16_store_rne(dst, src, n);
+    else oc_f16_store_rne(dst, src, n);
+}
 
 /* x[i], or x[i] + y[i] (float32, as the update kernel reads grad + acc). */
 static inline __attribute__((always_inline)) float
@@ -83,16 +112,24 @@ oc_block_sumsq(const float *x, const float *y, int two, int64_t n, double *sum, 
     *amax = m;
 }
 
-/* Sum of squares and max |x| of n consecutive elements, block by block, in order. */
+/* Sum of squares and max |x| of n consecutive elements, block by block, in order: float32
+ * elements at x, or (kind bfloat16/float16) 16-bit ones at h, widened a block at a time. */
 static inline __attribute__((always_inline)) void
-oc_run_sumsq(const float *x, const float *y, int two, int64_t n, double *sum, float *amax) {
+oc_run_sumsq(const float *x, const uint16_t *h, int kind, const float *y, int two, int64_t n,
+             double *sum, float *amax) {
+    float buf[OC_NORM_BLOCK] __attribute__((aligned(64)));
     double s = 0.0;
     float m = 0.0f;
     for (int64_t i = 0; i < n; i += OC_NORM_BLOCK) {
         const int64_t b = n - i < OC_NORM_BLOCK ? n - i : OC_NORM_BLOCK;
         double bs;
         float bm;
-        oc_block_sumsq(x + i, two ? y + i : NULL, two, b, &bs, &bm);
+        const float *xb = x + i;
+        if (kind != OC_F32) {
+            oc_widen(buf, h + i, kind, b);
+            xb = buf;
+        }
+        oc_block_sumsq(xb, two ? y + i : NULL, two, b, &bs, &bm);
         s += bs;
         m = bm > m ? bm : m;
     }
@@ -102,11 +139,18 @@ oc_run_sumsq(const float *x, const float *y, int two, int64_t n, double *sum, fl
 
 static inline __attribute__((always_inline)) void
 oc_norms_chunk(const oc_list *L, int sa, int sb, double *csq, float *cmax, int64_t c) {
-    const float *x = oc_slot(L, sa, c);
+    const int kind = oc_kind(L, sa, L->chunk_tensor[c]);
+    const float *x = kind == OC_F32 ? oc_slot(L, sa, c) : NULL;
+    const uint16_t *h = kind == OC_F32 ? NULL : oc_slot16(L, sa, c);
     const float *y = sb >= 0 ? oc_slot(L, sb, c) : NULL;
     const int64_t n = oc_chunk_len(L, c);
-    if (y != NULL) oc_run_sumsq(x, y, 1, n, &csq[c], &cmax[c]);
-    else oc_run_sumsq(x, NULL, 0, n, &csq[c], &cmax[c]);
+    if (kind == OC_F32) {
+        if (y != NULL) oc_run_sumsq(x, NULL, OC_F32, y, 1, n, &csq[c], &cmax[c]);
+        else oc_run_sumsq(x, NULL, OC_F32, NULL, 0, n, &csq[c], &cmax[c]);
+    } else {
+        if (y != NULL) oc_run_sumsq(NULL, h, kind, y, 1, n, &csq[c], &cmax[c]);
+        else oc_run_sumsq(NULL, h, kind, NULL, 0, n, &csq[c], &cmax[c]);
+    }
 }
 
 /* Per-chunk partials of slot sa (plus slot sb when sb >= 0) into csq/cmax (nchunks entries),
@@ -131,28 +175,47 @@ OC_CLONES static void oc_norms_run(const oc_list *L, int sa, int sb, double *csq
  * any element is NaN). The mode is chosen outside the element loop. */
 enum { OC_PNORM_POW = 0, OC_PNORM_ABS = 1, OC_PNORM_COUNT = 2, OC_PNORM_MIN = 3 };
 
+/* Adds n elements of x to the running partial *acc of the mode (*nan: a NaN seen, for the
+ * minimum), element by element in order. */
+static inline __attribute__((always_inline)) void
+oc_pnorm_elems(const float *x, int64_t n, int mode, double p, double *acc, int *nan) {
+    double a = *acc;
+    if (mode == OC_PNORM_ABS) {
+        for (int64_t i = 0; i < n; i++) a += fabs((double)x[i]);
+    } else if (mode == OC_PNORM_COUNT) {
+        for (int64_t i = 0; i < n; i++) a += x[i] != 0.0f ? 1.0 : 0.0;
+    } else if (mode == OC_PNORM_MIN) {
+        int seen = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const double v = fabs((double)x[i]);
+            seen |= v != v;
+            a = v < a ? v : a;
+        }
+        *nan |= seen;
+    } else {
+        for (int64_t i = 0; i < n; i++) a += pow(fabs((double)x[i]), p);
+    }
+    *acc = a;
+}
+
 static inline __attribute__((always_inline)) void
 oc_pnorm_chunk(const oc_list *L, int s, int mode, double p, double *cpart, int64_t c) {
-    const float *x = oc_slot(L, s, c);
+    const int kind = oc_kind(L, s, L->chunk_tensor[c]);
     const int64_t n = oc_chunk_len(L, c);
-    double acc = 0.0;
-    if (mode == OC_PNORM_ABS) {
-        for (int64_t i = 0; i < n; i++) acc += fabs((double)x[i]);
-    } else if (mode == OC_PNORM_COUNT) {
-        for (int64_t i = 0; i < n; i++) acc += x[i] != 0.0f ? 1.0 : 0.0;
-    } else if (mode == OC_PNORM_MIN) {
-        int nan = 0;
-        acc = INFINITY;
-        for (int64_t i = 0; i < n; i++) {
-            const double a = fabs((double)x[i]);
-            nan |= a != a;
-            acc = a < acc ? a : acc;
-        }
-        if (nan) acc = NAN;
+    double acc = mode == OC_PNORM_MIN ? INFINITY : 0.0;
+    int nan = 0;
+    if (kind == OC_F32) {
+        oc_pnorm_elems(oc_slot(L, s, c), n, mode, p, &acc, &nan);
     } else {
-        for (int64_t i = 0; i < n; i++) acc += pow(fabs((double)x[i]), p);
+        float buf[OC_TILE] __attribute__((aligned(64)));
+        const uint16_t *h = oc_slot16(L, s, c);
+        for (int64_t i = 0; i < n; i += OC_TILE) {
+            const int64_t m = n - i < OC_TILE ? n - i : OC_TILE;
+            oc_widen(buf, h + i, kind, m);
+            oc_pnorm_elems(buf, m, mode, p, &acc, &nan);
+        }
     }
-    cpart[c] = acc;
+    cpart[c] = nan ? NAN : acc;
 }
 
 /* Per-chunk partials of slot s (see OC_PNORM_*) into cpart, then per tensor into tpart: the
@@ -174,13 +237,28 @@ OC_CLONES static void oc_pnorm_run(const oc_list *L, int s, int mode, double p, 
 
 /* ---- in-place passes ---------------------------------------------------------------- */
 
+static inline __attribute__((always_inline)) void oc_scale_elems(float *x, int64_t n, float f) {
+    for (int64_t i = 0; i < n; i++) x[i] = x[i] * f;
+}
+
 /* x *= scale * tensor_scale[t] (tensor_scale may be NULL). */
 static inline __attribute__((always_inline)) void
 oc_scale_chunk(const oc_list *L, int s, float scale, const float *ts, int64_t c) {
-    float *x = oc_slot(L, s, c);
+    const int kind = oc_kind(L, s, L->chunk_tensor[c]);
     const float f = ts != NULL ? scale * ts[L->chunk_tensor[c]] : scale;
     const int64_t n = oc_chunk_len(L, c);
-    for (int64_t i = 0; i < n; i++) x[i] = x[i] * f;
+    if (kind == OC_F32) {
+        oc_scale_elems(oc_slot(L, s, c), n, f);
+        return;
+    }
+    float buf[OC_TILE] __attribute__((aligned(64)));
+    uint16_t *h = oc_slot16(L, s, c);
+    for (int64_t i = 0; i < n; i += OC_TILE) {
+        const int64_t m = n - i < OC_TILE ? n - i : OC_TILE;
+        oc_widen(buf, h + i, kind, m);
+        oc_scale_elems(buf, m, f);
+        oc_narrow(h + i, buf, kind, m);
+    }
 }
 
 OC_CLONES static void oc_scale_run(const oc_list *L, int s, float scale, const float *ts,
@@ -188,20 +266,41 @@ OC_CLONES static void oc_scale_run(const oc_list *L, int s, float scale, const f
     OC_FOR_EACH_CHUNK(L, ex, c, oc_scale_chunk(L, s, scale, ts, c));
 }
 
-/* x = clamp(x, -limit, limit) (NaN passes through, as torch.clamp); records max |x| before,
- * per chunk, with NaN marked by cnan[c]. */
+/* x = clamp(x, -limit, limit) over n elements (NaN passes through, as torch.clamp); *m and
+ * *nan gather max |x| before and whether a NaN was seen. */
 static inline __attribute__((always_inline)) void
-oc_clamp_chunk(const oc_list *L, int s, float limit, float *cmax, unsigned char *cnan, int64_t c) {
-    float *x = oc_slot(L, s, c);
-    const int64_t n = oc_chunk_len(L, c);
-    float m = 0.0f;
-    int nan = 0;
+oc_clamp_elems(float *x, int64_t n, float limit, float *m, int *nan) {
+    float mx = *m;
+    int seen = 0;
     for (int64_t i = 0; i < n; i++) {
         float v = x[i];
         float a = fabsf(v);
-        m = a > m ? a : m;
-        nan |= v != v;
+        mx = a > mx ? a : mx;
+        seen |= v != v;
         x[i] = v > limit ? limit : (v < -limit ? -limit : v);
+    }
+    *m = mx;
+    *nan |= seen;
+}
+
+/* Clamp one chunk in place; records max |x| before, per chunk, with NaN marked by cnan[c]. */
+static inline __attribute__((always_inline)) void
+oc_clamp_chunk(const oc_list *L, int s, float limit, float *cmax, unsigned char *cnan, int64_t c) {
+    const int kind = oc_kind(L, s, L->chunk_tensor[c]);
+    const int64_t n = oc_chunk_len(L, c);
+    float m = 0.0f;
+    int nan = 0;
+    if (kind == OC_F32) {
+        oc_clamp_elems(oc_slot(L, s, c), n, limit, &m, &nan);
+    } else {
+        float buf[OC_TILE] __attribute__((aligned(64)));
+        uint16_t *h = oc_slot16(L, s, c);
+        for (int64_t i = 0; i < n; i += OC_TILE) {
+            const int64_t k = n - i < OC_TILE ? n - i : OC_TILE;
+            oc_widen(buf, h + i, kind, k);
+            oc_clamp_elems(buf, k, limit, &m, &nan);
+            oc_narrow(h + i, buf, kind, k);
+        }
     }
     cmax[c] = m;
     cnan[c] = (unsigned char)nan;
@@ -212,16 +311,32 @@ OC_CLONES static void oc_clamp_run(const oc_list *L, int s, float limit, float *
     OC_FOR_EACH_CHUNK(L, ex, c, oc_clamp_chunk(L, s, limit, cmax, cnan, c));
 }
 
-/* Gradient accumulation: dst = src on the first micro-step, else dst += src. */
 static inline __attribute__((always_inline)) void
-oc_accum_chunk(const oc_list *L, int src, int dst, int first, int64_t c) {
-    const float *g = oc_slot(L, src, c);
-    float *a = oc_slot(L, dst, c);
-    const int64_t n = oc_chunk_len(L, c);
+oc_accum_elems(float *OC_RESTRICT a, const float *OC_RESTRICT g, int64_t n, int first) {
     if (first)
         for (int64_t i = 0; i < n; i++) a[i] = g[i];
     else
         for (int64_t i = 0; i < n; i++) a[i] = a[i] + g[i];
+}
+
+/* Gradient accumulation into a float32 dst: dst = src on the first micro-step, else
+ * dst += src (a 16-bit src is widened exactly). */
+static inline __attribute__((always_inline)) void
+oc_accum_chunk(const oc_list *L, int src, int dst, int first, int64_t c) {
+    const int kind = oc_kind(L, src, L->chunk_tensor[c]);
+    float *a = oc_slot(L, dst, c);
+    const int64_t n = oc_chunk_len(L, c);
+    if (kind == OC_F32) {
+        oc_accum_elems(a, oc_slot(L, src, c), n, first);
+        return;
+    }
+    float buf[OC_TILE] __attribute__((aligned(64)));
+    const uint16_t *h = oc_slot16(L, src, c);
+    for (int64_t i = 0; i < n; i += OC_TILE) {
+        const int64_t m = n - i < OC_TILE ? n - i : OC_TILE;
+        oc_widen(buf, h + i, kind, m);
+        oc_accum_elems(a + i, buf, m, first);
+    }
 }
 
 OC_CLONES static void oc_accum_run(const oc_list *L, int src, int dst, int first,
@@ -244,7 +359,7 @@ static inline __attribute__((always_inline)) void
 oc_unit_sumsq_one(const oc_list *L, int s, const oc_units *U, double *out, int64_t u) {
     const float *x = (const float *)L->slots[s][U->tensor[u]] + U->start[u];
     float m;
-    oc_run_sumsq(x, NULL, 0, U->len[u], &out[u], &m);
+    oc_run_sumsq(x, NULL, OC_F32, NULL, 0, U->len[u], &out[u], &m);
 }
 
 OC_CLONES static void oc_unit_sumsq_run(const oc_list *L, int s, const oc_units *U, double *out,
