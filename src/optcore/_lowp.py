@@ -33,6 +33,22 @@ _KIND_DTYPE = {_optim.F32: np.float32, _optim.BF16: np.uint16, _optim.Q8S: np.ui
                _optim.Q8U: np.uint8}
 
 
+#: The kernels' element format of each array dtype they read and write in place.
+FORMATS = {"float32": _optim.F32, "bfloat16": _optim.BF16, "float16": _optim.F16}
+
+
+def kernel_view(a):
+    """``a`` as the kernels address it: a float32 array itself, a 16-bit one as its uint16
+    bits (``ml_dtypes.bfloat16`` arrays expose no buffer of their own)."""
+    return a if a.dtype == np.float32 else a.view(np.uint16)
+
+
+def formats(arrays):
+    """The kernel formats of ``arrays`` (uint8, one per array), or None when all are float32."""
+    kinds = np.fromiter((FORMATS[a.dtype.name] for a in arrays), dtype=np.uint8, count=len(arrays))
+    return kinds if kinds.any() else None
+
+
 def check_state_dtype(state_dtype, min_8bit_size):
     """Validate the ``state_dtype`` and ``min_8bit_size`` arguments of an optimizer."""
     if not isinstance(state_dtype, str):
