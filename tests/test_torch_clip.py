@@ -300,11 +300,14 @@ def test_hypothesis_clip_grad_norm(sizes, p, max_norm, seed):
     theirs = tu.clip_grad_norm_(qs, max_norm, p)
     ref = ref_total([b.numpy() for b in before], p)
     assert total.item() == pytest.approx(np.float32(ref), rel=REF_RTOL, abs=0)
-    assert total.item() == pytest.approx(theirs.item(), rel=TORCH_RTOL, abs=0)
+    # for p < 1 the exponent 1/p (|1/p| up to 2 here) amplifies torch's float32 summation
+    # error, over up to 6 x 70000 elements: a failure at 1.000008 x TORCH_RTOL was seen
+    rtol = TORCH_RTOL if p >= 1.0 or p == 0.0 else 4 * TORCH_RTOL
+    assert total.item() == pytest.approx(theirs.item(), rel=rtol, abs=0)
     coef = min(1.0, max_norm / (ref + 1e-6))
     for a, b, q in zip(grads_of(ps), before, grads_of(qs)):
         np.testing.assert_allclose(a.numpy(), b.numpy() * np.float32(coef), rtol=3e-7, atol=0)
-        np.testing.assert_allclose(a.numpy(), q.numpy(), rtol=TORCH_RTOL, atol=1e-30)
+        np.testing.assert_allclose(a.numpy(), q.numpy(), rtol=rtol, atol=1e-30)
 
 
 # ---- threads --------------------------------------------------------------------------------
