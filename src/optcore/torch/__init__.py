@@ -16,7 +16,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without torch
 from optcore.torch.clip import (  # noqa: E402
     clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm,
 )
-from optcore.torch.optim import SGD, Adagrad, Adam, Adamax, AdamW, NAdam, RMSprop  # noqa: E402
+from optcore.torch.optim import (  # noqa: E402
+    SGD, Adagrad, Adam, Adam8bit, Adamax, AdamW, AdamW8bit, NAdam, RMSprop,
+)
 from optcore.torch.batchnorm import (  # noqa: E402
     BatchNorm1d,
     BatchNorm2d,
@@ -26,6 +28,7 @@ from optcore.torch.batchnorm import (  # noqa: E402
 )
 
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam",
+           "Adam8bit", "AdamW8bit",
            "clip_grad_norm_", "clip_grad_value_", "clip_grads_with_norm_", "get_total_norm",
            "BatchNorm1d", "BatchNorm2d", "BatchNormReLU1d", "BatchNormReLU2d",
            "convert_batchnorm"]

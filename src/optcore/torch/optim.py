@@ -46,13 +46,20 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from optcore import _fused, _rules
+from optcore import _checks as ck
+from optcore import _fused, _lowp, _rules
 from optcore import clip as _clip
 from optcore.optim import StepResult
+from optcore.torch import _lowp as lp
 from optcore.torch import _tensors as tt
-from optcore.torch._plan import Plan, param_name
+from optcore.torch._plan import KAHAN, Plan, param_name
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "Adam8bit",
+           "AdamW8bit"]
+
+ROUNDINGS = ("stochastic", "nearest")
+# the per-group offset of the rounding seed (the NumPy optimizers' own)
+_GROUP_SEED = 0x9E3779B9
 
 _grad = operator.attrgetter("grad")
 _increment_version = torch._C._increment_version
@@ -131,10 +138,16 @@ class _Optimizer(torch.optim.Optimizer):
     _scalar_keys = ("step",)
     # state buffers created on first use even when the parameter already has state
     _lazy_state = ()
+    # state_dtype=None: follow the parameter (bfloat16 state for bfloat16 parameters)
+    _default_state_dtype = None
 
-    def __init__(self, params, defaults, clip, nonfinite):
+    def __init__(self, params, defaults, clip, nonfinite, lowp):
         self.clip, self.nonfinite, _ = _fused.options(clip, nonfinite)
         _refuse_sharded_global_decisions(self.clip, self.nonfinite)
+        self._set_lowp(**lowp)
+        if self.state_dtype not in (None, "float32") and isinstance(self.clip, _clip.Adaptive):
+            raise ValueError("Adaptive clipping needs float32 state (state_dtype='float32')")
+        self._sr_steps = 0
         self._unit_tables = isinstance(self.clip, _clip.Adaptive)
         self._plans = []
         self.last_result = None
@@ -144,12 +157,37 @@ class _Optimizer(torch.optim.Optimizer):
         self.state = _State(dict, self.state)
         self._state_version = None
 
+    def _set_lowp(self, state_dtype, min_8bit_size, seed, rounding, compensation):
+        """Validate and store the low-precision options (see :mod:`optcore.torch.optim`)."""
+        if state_dtype is None:
+            state_dtype = self._default_state_dtype
+        if state_dtype is not None:
+            state_dtype, _ = _lowp.check_state_dtype(state_dtype, 1)
+        self.min_8bit_size = ck.positive_int("min_8bit_size", min_8bit_size)
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = int(ck.in_range("seed", int(seed), 0, 2**32 - 1))
+        if not isinstance(compensation, (bool, np.bool_)):
+            raise TypeError(f"compensation must be a bool, got {type(compensation).__name__}")
+        if rounding is not None and rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        if compensation and rounding == "stochastic":
+            raise ValueError("compensation=True keeps the rounding error in the Kahan buffer "
+                             "(the parameter is rounded to nearest): drop rounding='stochastic'")
+        self.state_dtype = state_dtype
+        self.rounding = rounding or ("nearest" if compensation else "stochastic")
+        self.compensation = bool(compensation)
+
     # -- torch.optim.Optimizer plumbing ---------------------------------------------------
+
+    _LOWP_DEFAULTS = dict(state_dtype=None, min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0,
+                          rounding="stochastic", compensation=False, _sr_steps=0)
 
     def __getstate__(self):
         state = super().__getstate__()
         state.update(clip=self.clip, nonfinite=self.nonfinite, skipped_steps=self.skipped_steps,
                      last_result=self.last_result)
+        state.update({k: getattr(self, k) for k in self._LOWP_DEFAULTS})
         return state
 
     def __setstate__(self, state):
@@ -161,6 +199,8 @@ class _Optimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("nonfinite", "propagate")
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("last_result", None)
+        for k, v in self._LOWP_DEFAULTS.items():
+            self.__dict__.setdefault(k, v)
         self._unit_tables = isinstance(self.clip, _clip.Adaptive)
         # new state tensors (load_state_dict): every table is rebuilt at the next step
         self.state = _State(dict, self.state)
@@ -184,7 +224,7 @@ class _Optimizer(torch.optim.Optimizer):
         for j, p in enumerate(params):
             if not isinstance(p, torch.Tensor):  # torch accepts (name, tensor) pairs
                 p = p[1] if isinstance(p, tuple) and len(p) == 2 else p
-            tt.check_tensor(param_name(gi, j), p)
+            tt.check_tensor(param_name(gi, j), p, dtypes=tuple(lp.PARAM_KINDS))
             if torch.is_complex(p):
                 raise TypeError(f"{param_name(gi, j)} is complex; optcore updates real tensors")
         hyper = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
@@ -205,6 +245,42 @@ class _Optimizer(torch.optim.Optimizer):
 
     def _init_state(self, group):
         """State a rule creates at construction (Adagrad); none by default."""
+
+    def load_state_dict(self, state_dict):
+        """Load a state saved by this class or by ``torch.optim`` (as
+        :meth:`torch.optim.Optimizer.load_state_dict`), then store every state buffer in this
+        optimizer's format: float32 state is quantized (8-bit) or rounded to nearest
+        (bfloat16), low-precision state is dequantized, through the kernels' own conversions.
+        torch would cast each state tensor to its parameter's dtype; the saved tensors are
+        taken as they were instead (8-bit codes and scales are not floating-point values)."""
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        for gi, group in enumerate(self.param_groups):
+            h = self._checked_hyper(group, f"param_groups[{gi}]")
+            names = [s for s in self.rule.state_names(h) if s is not None]
+            for j, p in enumerate(group["params"]):
+                k = ids[sum(len(g["params"]) for g in self.param_groups[:gi]) + j]
+                if k not in saved:
+                    continue
+                st = {key: (v.to(device=p.device) if isinstance(v, torch.Tensor)
+                            and key not in self._scalar_keys else self.state[p][key])
+                      for key, v in saved[k].items()}
+                for s in names:
+                    t = st.get(s)
+                    if t is None:
+                        continue
+                    where = f"state {s!r} of {param_name(gi, j)}"
+                    tt.check_tensor(where, t, dtypes=lp.STATE_DTYPES)
+                    if t.shape != p.shape:
+                        raise ValueError(f"{where} has shape {tuple(t.shape)}, the parameter "
+                                         f"{tuple(p.shape)}")
+                    if lp.stored_kind(s, t) in lp.Q8:
+                        lp.check_absmax(where, st, s, p)
+                    lp.convert(st, s, p, self._state_kinds([p], s)[0])
+                if st.get(KAHAN) is not None:
+                    st[KAHAN] = st[KAHAN].to(dtype=p.dtype)
+                self.state[p] = st
 
     # -- hyper-parameters -----------------------------------------------------------------
 
@@ -235,12 +311,20 @@ class _Optimizer(torch.optim.Optimizer):
     def _keeps_state(self, state_names):
         return True
 
+    def _state_kinds(self, params, s):
+        """The kernel format of state buffer ``s`` of each of ``params`` (uint8 array)."""
+        return lp.state_kinds(self.state_dtype, params, s, self.min_8bit_size)
+
+    def _state_entries(self, p, s, value):
+        """State buffer ``s`` of parameter ``p`` filled with ``value``, in its format."""
+        return lp.filled(p, self._state_kinds([p], s)[0], value, s)
+
     def _new_state(self, p, group, state_names):
         """torch's initial state of parameter ``p`` (its lazy ``len(state) == 0`` branch)."""
         st = {"step": torch.tensor(0.0, dtype=torch.float32)}
         for s in state_names:
             if s is not None:
-                st[s] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st.update(self._state_entries(p, s, 0.0))
         return st
 
     def _part_key(self, st):
@@ -321,12 +405,16 @@ class _Optimizer(torch.optim.Optimizer):
                                       grad_scale=d.scale, tensor_scale=d.tensor_scale[k],
                                       clamp=d.clamp)
                 step, scalars = self._step_args(part.key)
+                sr_step = int(part.key[0]) + 1 if "step" in self._scalar_keys else self._sr_steps + 1
+                go.set_rounding(self.seed + _GROUP_SEED * plan.gi, sr_step,
+                                self.rounding == "stochastic")
                 self.rule.run(part.table if part.units is None else part.units, go, h, step,
                               scalars)
                 part.next_key = self._next_key(part.key, scalars)
                 k += 1
             plan.advance(self)
             _increment_version(plan.params)
+        self._sr_steps += 1
         return StepResult(d.grad_norm, d.clip_factor, False, loss_scale, True)
 
     def _skipped(self, loss_scale):
@@ -366,14 +454,17 @@ class SGD(_Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None, clip=None,
-                 nonfinite="propagate"):
+                 nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation))
 
     def _keeps_state(self, state_names):
-        return bool(state_names)
+        return bool(state_names) or self.compensation
 
     def _new_state(self, p, group, state_names):
         return {}
@@ -407,16 +498,18 @@ class Adagrad(_Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
-                 clip=None, nonfinite="propagate"):
+                 clip=None, nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation))
 
     def _new_state(self, p, group, state_names):
-        v = group["initial_accumulator_value"]
         return {"step": torch.tensor(0.0, dtype=torch.float32),
-                "sum": torch.full_like(p, v, memory_format=torch.preserve_format)}
+                **self._state_entries(p, "sum", group["initial_accumulator_value"])}
 
     def _init_state(self, group):
         for p in group["params"]:
@@ -446,11 +539,14 @@ class RMSprop(_Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, *, clip=None, nonfinite="propagate"):
+                 differentiable=False, *, clip=None, nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                         maximize=maximize, differentiable=differentiable)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation))
 
 
 class Adam(_Optimizer):
@@ -479,12 +575,15 @@ class Adam(_Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False, clip=None,
-                 nonfinite="propagate"):
+                 nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation))
 
 
 class AdamW(_Optimizer):
@@ -498,11 +597,14 @@ class AdamW(_Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, clip=None, nonfinite="propagate"):
+                 differentiable=False, fused=None, clip=None, nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation))
 
 
 class Adamax(_Optimizer):
@@ -522,10 +624,13 @@ class Adamax(_Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
-                 clip=None, nonfinite="propagate"):
+                 clip=None, nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation))
 
 
 class NAdam(_Optimizer):
@@ -553,12 +658,15 @@ class NAdam(_Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, clip=None,
-                 nonfinite="propagate"):
+                 nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation))
 
     def _new_state(self, p, group, state_names):
         st = super()._new_state(p, group, state_names)
@@ -573,3 +681,24 @@ class NAdam(_Optimizer):
 
     def _next_key(self, key, scalars):
         return (key[0] + 1.0, scalars["mu_product"])
+
+
+class Adam8bit(Adam):
+    r"""Adam with 8-bit block-wise quantized state (Dettmers et al. 2022), the name of
+    bitsandbytes' ``bnb.optim.Adam8bit``: :class:`Adam` with ``state_dtype="int8"`` by
+    default. ``exp_avg`` and ``exp_avg_sq`` are ``torch.uint8`` codes (the signed and unsigned
+    dynamic codes) with a float32 ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` per block of 256
+    elements of the parameter's memory order, about 2 bytes of state per element instead of
+    8; tensors below ``min_8bit_size`` (4096) elements keep float32 state. See
+    :doc:`/low_precision`.
+    """
+
+    _default_state_dtype = "int8"
+
+
+class AdamW8bit(AdamW):
+    r"""AdamW with 8-bit block-wise quantized state, the name of bitsandbytes'
+    ``bnb.optim.AdamW8bit``: :class:`AdamW` with ``state_dtype="int8"`` by default (see
+    :class:`Adam8bit`)."""
+
+    _default_state_dtype = "int8"
