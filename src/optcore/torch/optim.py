@@ -275,12 +275,28 @@ class _Optimizer(torch.optim.Optimizer):
                     if t.shape != p.shape:
                         raise ValueError(f"{where} has shape {tuple(t.shape)}, the parameter "
                                          f"{tuple(p.shape)}")
-                    if lp.stored_kind(s, t) in lp.Q8:
+                    kind = lp.stored_kind(s, t)
+                    if kind in lp.Q8:
                         lp.check_absmax(where, st, s, p)
-                    lp.convert(st, s, p, self._state_kinds([p], s)[0])
+                    if kind != self._state_kinds([p], s)[0] or t.stride() != p.stride():
+                        lp.convert(st, s, p, self._state_kinds([p], s)[0])
                 if st.get(KAHAN) is not None:
                     st[KAHAN] = st[KAHAN].to(dtype=p.dtype)
                 self.state[p] = st
+
+    @property
+    def state_nbytes(self):
+        """Bytes of the per-parameter state tensors held (state buffers, 8-bit scales, Kahan
+        buffers; not the 0-d ``step`` scalars)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values()
+                   for v in st.values() if isinstance(v, torch.Tensor) and v.dim())
+
+    @property
+    def state_bytes_per_param(self):
+        """:attr:`state_nbytes` per parameter element (float32 Adam: 8; bfloat16 state: 4;
+        8-bit Adam: 2 + 8/256)."""
+        n = sum(p.numel() for g in self.param_groups for p in g["params"])
+        return self.state_nbytes / n if n else 0.0
 
     # -- hyper-parameters -----------------------------------------------------------------
 
