@@ -17,6 +17,34 @@ Two keyword-only arguments are added to torch's signatures:
     ``"propagate"`` (torch's behaviour), ``"skip"`` (a NaN or inf gradient skips the step:
     nothing changes) or ``"raise"`` (FloatingPointError naming the tensor, nothing changes).
 
+Low precision (see :doc:`/low_precision`), five more keyword-only arguments:
+
+``state_dtype``
+    ``"float32"``, ``"bfloat16"`` or ``"int8"``: how the state buffers are stored, under
+    torch's keys in ``opt.state[p]``: float32 or ``torch.bfloat16`` tensors, or for 8-bit
+    ``torch.uint8`` codes with a float32 ``<key>_absmax`` tensor of ``ceil(n / 256)`` block
+    scales (blocks over the parameter's memory order; tensors below ``min_8bit_size``, default
+    4096, keep float32 state). Default None: bfloat16 state for bfloat16 parameters (torch's
+    own state dtype there), float32 otherwise (also for float16 parameters, whose moments
+    would underflow in float16; torch keeps them in float16). :class:`Adam8bit` and
+    :class:`AdamW8bit` default to ``"int8"``.
+``rounding``
+    How a bfloat16 or float16 parameter is written back: ``"stochastic"`` (the default,
+    unbiased: an update far below half an ulp still moves the weight on average; torch rounds
+    to nearest) or ``"nearest"``.
+``compensation``
+    True: a Kahan buffer ``kahan_comp`` (the parameter's dtype, in the state as torch-optimi
+    keeps it) carries each bfloat16 parameter's rounding error to the next step.
+``seed``
+    Seed of the stochastic rounding (state and parameters): a hash of (seed, step, element
+    index), so the bits do not depend on the thread count.
+
+A bfloat16 or float16 parameter's gradient has its dtype (torch guarantees it); the kernels
+read both converted in the tile and compute in float32. ``load_state_dict`` stores every
+state buffer in this optimizer's format (quantizing, rounding or dequantizing through the
+kernels' own conversions), so states move between ``torch.optim``, 8-bit, bfloat16 and float32
+optcore optimizers in every direction.
+
 After every ``step()``, ``opt.last_result`` is the :class:`~optcore.optim.StepResult` of that
 step (``grad_norm``, ``clip_factor``, ``skipped``, ``loss_scale``, ``applied``).
 
@@ -25,8 +53,8 @@ optimizer its scale and overflow flag (``grad_scale``, ``found_inf``) instead of
 gradients itself; the step unscales on the fly and skips when ``found_inf`` is set, as torch's
 fused optimizers do.
 
-Accepted tensors: float32, CPU, dense (contiguous, channels_last or any permutation of the
-dimensions), parameters not sharing memory; a gradient must have its parameter's strides and
+Accepted tensors: float32, bfloat16 or float16, CPU, dense (contiguous, channels_last or any
+permutation of the dimensions), parameters not sharing memory; a gradient must have its parameter's strides and
 be dense. Anything else raises TypeError/ValueError naming the group and parameter index
 before anything of the step is written. ``capturable=True`` and ``differentiable=True`` are
 refused; ``foreach`` and ``fused`` are accepted and ignored (optcore is always one fused
