@@ -6,7 +6,8 @@ Implementations, on one tensor of 16M elements at 2 threads (group ``torch-adam-
 bf16 state), ``optcore.torch-fp32``, ``optcore.torch-bf16-state`` (``state_dtype="bfloat16"``),
 ``optcore.torch-Adam8bit`` (8-bit block-wise state), ``optcore.torch-bf16-params`` (bf16
 params and grads, bf16 state, stochastic rounding) and ``optcore.torch-bf16-kahan`` (the same
-with ``compensation=True``). ``extra_info`` records the bytes each step moves (params, grads,
+with ``compensation=True``), ``optcore.torch-master-copy`` (float32 masters and state, bf16
+gradients read from a bf16 model copy that the sweep rewrites, ``model_copy=``). ``extra_info`` records the bytes each step moves (params, grads,
 state, Kahan buffer) against the probe's Adam sweep bandwidth (``pattern="adam"``).
 ``OPTCORE_BENCH_SMOKE=1`` shrinks to 64k elements.
 """
@@ -23,7 +24,8 @@ N = 1 << 24
 # bytes per element: parameter read + write, gradient read, each state buffer read + write
 BYTES = {"torch-fused-fp32": 28, "torch-fused-bf16": 14, "optcore.torch-fp32": 28,
          "optcore.torch-bf16-state": 20, "optcore.torch-Adam8bit": 16 + 4 / 256,
-         "optcore.torch-bf16-params": 14, "optcore.torch-bf16-kahan": 18}
+         "optcore.torch-bf16-params": 14, "optcore.torch-bf16-kahan": 18,
+         "optcore.torch-master-copy": 28}
 _MAKE = {
     "torch-fused-fp32": (torch.float32, lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
     "torch-fused-bf16": (torch.bfloat16, lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
@@ -34,6 +36,8 @@ _MAKE = {
     "optcore.torch-bf16-params": (torch.bfloat16, lambda ps: ot.Adam(ps, lr=1e-3)),
     "optcore.torch-bf16-kahan": (torch.bfloat16,
                                  lambda ps: ot.Adam(ps, lr=1e-3, compensation=True)),
+    "optcore.torch-master-copy": (torch.bfloat16, lambda ps: ot.Adam(
+        [p.detach().float() for p in ps], lr=1e-3, model_copy=ps)),
 }
 
 

@@ -525,3 +525,62 @@ def test_load_state_dict_refuses_8bit_without_scales():
     opt2 = ot.Adam8bit([p.detach().clone().requires_grad_() for p in ps], lr=1e-2)
     with pytest.raises(ValueError, match="exp_avg_absmax"):
         opt2.load_state_dict(sd)
+
+
+# -- master weights with a model copy -------------------------------------------------------
+
+def _master_and_copy(dtype, seed=0):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.Tanh(),
+                            torch.nn.Linear(200, 4)).to(dtype)
+    return m, [p.detach().float().clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("state_dtype", ["float32", "int8"])
+def test_model_copy_is_the_rounded_master(dtype, state_dtype):
+    """model_copy=: the float32 masters step exactly as a float32 optimizer fed the widened
+    16-bit gradients (bitwise), and each copy is its master rounded to nearest (torch's own
+    .to(dtype)), written in the same sweep."""
+    m, master = _master_and_copy(dtype)
+    ref = [p.clone().requires_grad_() for p in master]
+    opt = ot.AdamW(master, lr=1e-2, model_copy=list(m.parameters()), state_dtype=state_dtype,
+                   min_8bit_size=100)
+    ropt = ot.AdamW(ref, lr=1e-2, state_dtype=state_dtype, min_8bit_size=100)
+    for t in range(3):
+        m.zero_grad()
+        x = tensors([(8, 300)], 200 + t, dtype)[0]
+        m(x).float().pow(2).mean().backward()
+        for r, p in zip(ref, m.parameters()):
+            r.grad = p.grad.float()
+        opt.step()
+        ropt.step()
+    for a, r, c in zip(master, ref, m.parameters()):
+        assert torch.equal(a, r.detach())
+        assert c.dtype == dtype and torch.equal(c.detach(), a.to(dtype))
+
+
+def test_model_copy_bad_input():
+    m, master = _master_and_copy(torch.bfloat16)
+    copies = list(m.parameters())
+    with pytest.raises(ValueError, match="model_copy has 3 tensors for 4 parameters"):
+        ot.Adam(master, model_copy=copies[:3])
+    with pytest.raises(TypeError, match="model copy of param_groups.0. param 1 must have dtype"):
+        ot.Adam(master, model_copy=[copies[0], master[1].clone()] + copies[2:])
+    with pytest.raises(ValueError, match="model copy of param_groups.0. param 0 has shape"):
+        ot.Adam(master, model_copy=[copies[0].t()] + copies[1:])
+    with pytest.raises(TypeError, match="float32 master weights"):
+        ot.Adam([p.detach().clone() for p in copies], model_copy=copies)
+    with pytest.raises(ValueError, match="share memory"):
+        ot.Adam(master, model_copy=[copies[0], copies[0].detach().reshape(-1)[:200]] + copies[2:])
+    opt = ot.Adam(master, model_copy=copies)
+    with pytest.raises(ValueError, match="add_param_group"):
+        opt.add_param_group({"params": [torch.zeros(3)]})
+    m(torch.randn(2, 300).bfloat16()).float().sum().backward()
+    master[2].grad = torch.zeros_like(master[2])
+    before = [p.clone() for p in master], [c.detach().clone() for c in copies]
+    with pytest.raises(ValueError, match=r"param_groups\[0\] param 2 has its own .grad"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], master))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], copies))
+    assert not opt.state

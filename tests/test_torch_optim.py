@@ -304,7 +304,7 @@ def test_signatures_match_torch():
         theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
         extra = [k for k in ours if k not in theirs]
         assert extra == ["clip", "nonfinite", "state_dtype", "min_8bit_size", "seed", "rounding",
-                         "compensation"], name
+                         "compensation", "model_copy"], name
         for k, p in theirs.items():
             assert ours[k].default == p.default and ours[k].kind == p.kind, (name, k)
         assert ours["clip"].kind is inspect.Parameter.KEYWORD_ONLY

@@ -38,8 +38,8 @@ _contiguous = torch.Tensor.is_contiguous
 
 #: state key of the Kahan compensation of a 16-bit parameter (torch-optimi's name)
 KAHAN = "kahan_comp"
-#: table slot of the Kahan compensation (oc_optim.h)
-OC_SLOT_COMP = 7
+#: table slots of the model copy and of the Kahan compensation (oc_optim.h)
+OC_SLOT_COPY, OC_SLOT_COMP = 6, 7
 
 
 def param_name(gi, j):
@@ -145,7 +145,7 @@ class Plan:
     only validates; :meth:`commit` writes (new state, tables).
     """
 
-    def __init__(self, opt, gi, group, grads, state_names):
+    def __init__(self, opt, gi, group, grads, state_names, copies=None):
         ps = group["params"]
         self.gi = gi
         self.group_params = list(ps)
@@ -154,16 +154,23 @@ class Plan:
         self.js = [j for j, g in enumerate(grads) if g is not None]
         self.params = [ps[j] for j in self.js]
         self.grads = [grads[j] for j in self.js]
+        # model copies (model_copy=): written in the sweep, their .grad is the gradient
+        self.copies = None if copies is None else [copies[j] for j in self.js]
+        self.cptr_list = None if copies is None else list(map(_ptr, self.copies))
         self.state_names = state_names
         self.committed = False
         names, tensors = [], []
-        for j, p, g in zip(self.js, self.params, self.grads):
+        for i, (j, p, g) in enumerate(zip(self.js, self.params, self.grads)):
             name = param_name(gi, j)
             tt.check_tensor(name, p, dtypes=tuple(lp.PARAM_KINDS))
-            tt.check_tensor(f"gradient of {name}", g, dtypes=(p.dtype,))
+            gdtype = p.dtype if copies is None else self.copies[i].dtype
+            tt.check_tensor(f"gradient of {name}", g, dtypes=(gdtype,))
             tt.same_layout(f"gradient of {name}", g, name, p)
             names += [name, f"gradient of {name}"]
             tensors += [p, g]
+            if copies is not None:
+                names.append(f"model copy of {name}")
+                tensors.append(self.copies[i])
         self.contiguous = all(map(_contiguous, self.params))
         self.strides = list(map(_stride, self.params))
         self.lengths = tt.lengths(self.params)
@@ -172,6 +179,7 @@ class Plan:
         self.gptrs = _pointers(self.grads)
         # formats: of each parameter (and gradient), of each state buffer, Kahan compensation
         self.param_kinds = np.array([lp.PARAM_KINDS[p.dtype] for p in self.params], np.uint8)
+        self.grad_kinds = np.array([lp.PARAM_KINDS[g.dtype] for g in self.grads], np.uint8)
         self.kinds = {s: opt._state_kinds(self.params, s) for s in state_names if s is not None}
         self.comp = np.array([opt.compensation and p.dtype in lp.HALF_DTYPES for p in self.params],
                              dtype=bool)
@@ -226,7 +234,8 @@ class Plan:
         tt.no_overlap(names, tensors)
         self.units = None
         if opt._unit_tables:
-            if self.param_kinds.any() or any(k.any() for k in self.kinds.values()):
+            if (self.param_kinds.any() or self.grad_kinds.any()
+                    or any(k.any() for k in self.kinds.values())):
                 raise ValueError(f"param_groups[{gi}]: adaptive clipping needs float32 "
                                  "parameters and state")
             self.units = Units(gi, self.js, self.params)
@@ -248,6 +257,8 @@ class Plan:
         Raises naming the first bad gradient; writes nothing."""
         gs = grads if len(self.js) == len(grads) else [grads[j] for j in self.js]
         if list(map(_ptr, self.params)) != self.pptr_list:
+            return False
+        if self.copies is not None and list(map(_ptr, self.copies)) != self.cptr_list:
             return False
         # torch's grad setter and autograd guarantee the parameter's dtype, device and shape;
         # not its strides, nor a dense layout (a sparse tensor raises on is_contiguous,
@@ -312,18 +323,22 @@ class Plan:
             self.scalars[k] = buf
         slots = [self.pptrs, self.gptrs, None]
         slots += [None if s is None else _pointers([st[s] for st in states]) for s in self.state_names]
-        slots += [None] * (OC_SLOT_COMP - len(slots))
+        slots += [None] * (OC_SLOT_COPY - len(slots))
+        slots.append(None if self.copies is None else _pointers(self.copies))
         slots.append(np.array([st[KAHAN].data_ptr() if c else 0 for st, c in zip(states, self.comp)],
                               dtype=np.uint64))
         formats = {}
         if self.param_kinds.any():
-            formats[0] = formats[1] = (self.param_kinds, None)
-            formats[OC_SLOT_COMP] = (self.param_kinds, None)
+            formats[0] = formats[OC_SLOT_COMP] = (self.param_kinds, None)
+        if self.grad_kinds.any():
+            formats[1] = (self.grad_kinds, None)
+        if self.copies is not None:
+            formats[OC_SLOT_COPY] = (self.grad_kinds, None)
         for k, s in enumerate(self.state_names):
             if s is not None and self.kinds[s].any():
                 formats[3 + k] = (self.kinds[s], lp.absmax_arrays(states, s, self.kinds[s]))
         # the tables own what they address (the gradients' slot gets its own refs per step)
-        refs = (self.params, [v for st in states for v in st.values() if isinstance(v, torch.Tensor)])
+        refs = (self.params, self.copies, [v for st in states for v in st.values() if isinstance(v, torch.Tensor)])
         by_key = {}
         for i, k in enumerate(keys):
             by_key.setdefault((k, bool(self.comp[i])), []).append(i)

@@ -169,7 +169,7 @@ class _Optimizer(torch.optim.Optimizer):
     # state_dtype=None: follow the parameter (bfloat16 state for bfloat16 parameters)
     _default_state_dtype = None
 
-    def __init__(self, params, defaults, clip, nonfinite, lowp):
+    def __init__(self, params, defaults, clip, nonfinite, lowp, model_copy=None):
         self.clip, self.nonfinite, _ = _fused.options(clip, nonfinite)
         _refuse_sharded_global_decisions(self.clip, self.nonfinite)
         self._set_lowp(**lowp)
@@ -181,9 +181,12 @@ class _Optimizer(torch.optim.Optimizer):
         self.last_result = None
         self.skipped_steps = 0
         self._checked_hyper(defaults, "the defaults")
+        self._copies = None
         super().__init__(params, defaults)
         self.state = _State(dict, self.state)
         self._state_version = None
+        if model_copy is not None:
+            self._copies = self._checked_copies(model_copy)
 
     def _set_lowp(self, state_dtype, min_8bit_size, seed, rounding, compensation):
         """Validate and store the low-precision options (see :mod:`optcore.torch.optim`)."""
@@ -206,10 +209,39 @@ class _Optimizer(torch.optim.Optimizer):
         self.rounding = rounding or ("nearest" if compensation else "stochastic")
         self.compensation = bool(compensation)
 
+    def _checked_copies(self, model_copy):
+        """``model_copy`` as one list of 16-bit tensors per group, checked against the float32
+        master parameters (same shape and strides, no shared memory, masters without .grad)."""
+        if isinstance(model_copy, torch.Tensor) or not hasattr(model_copy, "__iter__"):
+            raise TypeError("model_copy must be a sequence of tensors, one per parameter")
+        copies = list(model_copy)
+        masters = [p for g in self.param_groups for p in g["params"]]
+        if len(copies) != len(masters):
+            raise ValueError(f"model_copy has {len(copies)} tensors for {len(masters)} parameters")
+        names, tensors, out, k = [], [], [], 0
+        for gi, g in enumerate(self.param_groups):
+            out.append(copies[k: k + len(g["params"])])
+            for j, (p, c) in enumerate(zip(g["params"], out[-1])):
+                name = param_name(gi, j)
+                tt.check_tensor(f"model copy of {name}", c, dtypes=lp.HALF_DTYPES)
+                if p.dtype != torch.float32:
+                    raise TypeError(f"{name} is {p.dtype}: with model_copy the parameters are "
+                                    "the float32 master weights")
+                tt.same_layout(f"model copy of {name}", c, name, p)
+                if p.grad is not None:
+                    raise ValueError(f"{name} has its own .grad: with model_copy the gradient "
+                                     "is read from the model copy's .grad")
+                names += [name, f"model copy of {name}"]
+                tensors += [p, c]
+            k += len(g["params"])
+        tt.no_overlap(names, tensors)
+        return out
+
     # -- torch.optim.Optimizer plumbing ---------------------------------------------------
 
     _LOWP_DEFAULTS = dict(state_dtype=None, min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0,
-                          rounding="stochastic", compensation=False, _sr_steps=0)
+                          rounding="stochastic", compensation=False, _sr_steps=0,
+                          _copies=None)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -240,6 +272,9 @@ class _Optimizer(torch.optim.Optimizer):
         are checked (float32, CPU, dense, not sharing memory with any other parameter)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        if self._copies is not None:
+            raise ValueError("model_copy pairs the parameters given at construction with their "
+                             "copies; add_param_group is not supported with model_copy")
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             params = [params]
@@ -403,13 +438,20 @@ class _Optimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             h = self._checked_hyper(group, f"param_groups[{gi}]")
             names = [s for s in self.rule.state_names(h)]
-            grads = list(map(_grad, group["params"]))
+            copies = None if self._copies is None else self._copies[gi]
+            if copies is not None:
+                for j, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        raise ValueError(f"{param_name(gi, j)} has its own .grad: with "
+                                         "model_copy the gradient is read from the model "
+                                         "copy's .grad")
+            grads = list(map(_grad, group["params"] if copies is None else copies))
             plan = self._plans[gi]
             pending = None
             if plan is not None:
                 pending = plan.refresh(grads) if plan.current(group, grads, names) else False
             if plan is None or pending is False:
-                plan = Plan(self, gi, group, grads, names)
+                plan = Plan(self, gi, group, grads, names, copies)
                 pending = None
             work.append((plan, pending, h))
         for gi, (plan, pending, _) in enumerate(work):
@@ -458,6 +500,8 @@ class _Optimizer(torch.optim.Optimizer):
                 k += 1
             plan.advance(self)
             _increment_version(plan.params)
+            if plan.copies is not None:
+                _increment_version(plan.copies)
         self._sr_steps += 1
         return StepResult(d.grad_norm, d.clip_factor, False, loss_scale, True)
 
@@ -499,13 +543,14 @@ class SGD(_Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None, clip=None,
                  nonfinite="propagate", state_dtype=None,
-                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, clip, nonfinite, dict(
             state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
-            compensation=compensation))
+            compensation=compensation), model_copy)
 
     def _keeps_state(self, state_names):
         return bool(state_names) or self.compensation
@@ -543,13 +588,14 @@ class Adagrad(_Optimizer):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
                  clip=None, nonfinite="propagate", state_dtype=None,
-                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, clip, nonfinite, dict(
             state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
-            compensation=compensation))
+            compensation=compensation), model_copy)
 
     def _new_state(self, p, group, state_names):
         return {"step": torch.tensor(0.0, dtype=torch.float32),
@@ -584,13 +630,14 @@ class RMSprop(_Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *, clip=None, nonfinite="propagate", state_dtype=None,
-                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                         maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults, clip, nonfinite, dict(
             state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
-            compensation=compensation))
+            compensation=compensation), model_copy)
 
 
 class Adam(_Optimizer):
@@ -620,14 +667,15 @@ class Adam(_Optimizer):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False, clip=None,
                  nonfinite="propagate", state_dtype=None,
-                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, clip, nonfinite, dict(
             state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
-            compensation=compensation))
+            compensation=compensation), model_copy)
 
 
 class AdamW(_Optimizer):
@@ -642,13 +690,14 @@ class AdamW(_Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, clip=None, nonfinite="propagate", state_dtype=None,
-                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
         super().__init__(params, defaults, clip, nonfinite, dict(
             state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
-            compensation=compensation))
+            compensation=compensation), model_copy)
 
 
 class Adamax(_Optimizer):
@@ -669,12 +718,13 @@ class Adamax(_Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
                  clip=None, nonfinite="propagate", state_dtype=None,
-                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable)
         super().__init__(params, defaults, clip, nonfinite, dict(
             state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
-            compensation=compensation))
+            compensation=compensation), model_copy)
 
 
 class NAdam(_Optimizer):
@@ -703,14 +753,15 @@ class NAdam(_Optimizer):
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, clip=None,
                  nonfinite="propagate", state_dtype=None,
-                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False):
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable)
         super().__init__(params, defaults, clip, nonfinite, dict(
             state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
-            compensation=compensation))
+            compensation=compensation), model_copy)
 
     def _new_state(self, p, group, state_names):
         st = super()._new_state(p, group, state_names)
