@@ -548,7 +548,8 @@ def test_model_copy_is_the_rounded_master(dtype, state_dtype):
                    min_8bit_size=100)
     ropt = ot.AdamW(ref, lr=1e-2, state_dtype=state_dtype, min_8bit_size=100)
     for t in range(3):
-        m.zero_grad()
+        opt.zero_grad()
+        assert all(p.grad is None for p in m.parameters()) or t == 0
         x = tensors([(8, 300)], 200 + t, dtype)[0]
         m(x).float().pow(2).mean().backward()
         for r, p in zip(ref, m.parameters()):

@@ -17,7 +17,7 @@ Two keyword-only arguments are added to torch's signatures:
     ``"propagate"`` (torch's behaviour), ``"skip"`` (a NaN or inf gradient skips the step:
     nothing changes) or ``"raise"`` (FloatingPointError naming the tensor, nothing changes).
 
-Low precision (see :doc:`/low_precision`), five more keyword-only arguments:
+Low precision (see :doc:`/low_precision`), six more keyword-only arguments:
 
 ``state_dtype``
     ``"float32"``, ``"bfloat16"`` or ``"int8"``: how the state buffers are stored, under
@@ -35,6 +35,14 @@ Low precision (see :doc:`/low_precision`), five more keyword-only arguments:
 ``compensation``
     True: a Kahan buffer ``kahan_comp`` (the parameter's dtype, in the state as torch-optimi
     keeps it) carries each bfloat16 parameter's rounding error to the next step.
+``model_copy``
+    Master weights: the parameters are float32 (with float32 or low-precision state) and
+    ``model_copy`` is a sequence of bfloat16/float16 tensors, one per parameter in
+    ``param_groups`` order, with the parameters' shapes and strides: the model that runs
+    forward and backward. The step reads the gradient from each copy's ``.grad`` (a master
+    with a ``.grad`` of its own raises ValueError) and writes the updated master, rounded to
+    nearest, into the copy in the same sweep (DeepSpeed's ``adam_update_copy`` pattern);
+    ``zero_grad()`` resets the copies' gradients. ``add_param_group`` is refused.
 ``seed``
     Seed of the stochastic rounding (state and parameters): a hash of (seed, step, element
     index), so the bits do not depend on the thread count.
@@ -308,6 +316,17 @@ class _Optimizer(torch.optim.Optimizer):
 
     def _init_state(self, group):
         """State a rule creates at construction (Adagrad); none by default."""
+
+    def zero_grad(self, set_to_none=True):
+        """:meth:`torch.optim.Optimizer.zero_grad`; with ``model_copy`` it resets the model
+        copies' gradients (those the step reads) too."""
+        super().zero_grad(set_to_none)
+        for c in () if self._copies is None else (c for cs in self._copies for c in cs):
+            if c.grad is not None:
+                if set_to_none:
+                    c.grad = None
+                else:
+                    c.grad.zero_()
 
     def load_state_dict(self, state_dict):
         """Load a state saved by this class or by ``torch.optim`` (as
