@@ -10,6 +10,8 @@ import copy
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 torch = pytest.importorskip("torch")
 
@@ -88,6 +90,33 @@ def test_equals_numpy_optimizer_bitwise(tcls, ncls, kw):
                 assert opt.state[p][lp.absmax_key(s)].shape == (_lowp.blocks(p.numel()),)
             else:
                 assert t.dtype == torch.float32 and lp.absmax_key(s) not in opt.state[p]
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=hst.lists(hst.integers(1, 3000), min_size=1, max_size=4),
+       state_dtype=hst.sampled_from(["bfloat16", "int8"]),
+       lr=hst.floats(1e-4, 1e-1), beta1=hst.floats(0.0, 0.99), amsgrad=hst.booleans(),
+       seed=hst.integers(0, 2**32 - 1), min_8bit_size=hst.integers(1, 2000))
+def test_hypothesis_equals_numpy_adam(sizes, state_dtype, lr, beta1, amsgrad, seed,
+                                      min_8bit_size):
+    """Any tensor sizes (partial 8-bit blocks, tensors on both sides of min_8bit_size),
+    hyper-parameters and seeds: optcore.torch's Adam equals the NumPy Adam bit for bit."""
+    kw = dict(lr=lr, betas=(beta1, 0.999), amsgrad=amsgrad, state_dtype=state_dtype, seed=seed,
+              min_8bit_size=min_8bit_size)
+    shapes = [(n,) for n in sizes]
+    ps = [p.requires_grad_() for p in tensors(shapes, 1)]
+    opt = ot.Adam(ps, **kw)
+    pn = [p.detach().numpy().copy() for p in ps]
+    gn = [np.zeros_like(a) for a in pn]
+    on = oo.Adam(list(zip(pn, gn)), **kw)
+    for t in range(3):
+        for p, g, a in zip(ps, tensors(shapes, 50 + t), gn):
+            p.grad = g
+            a[...] = g.numpy()
+        opt.step()
+        on.step()
+    for p, a in zip(ps, pn):
+        assert np.array_equal(p.detach().numpy(), a)
 
 
 def test_bf16_state_tracks_torch_fp32_adam():
