@@ -551,9 +551,20 @@ def test_load_state_dict_refuses_8bit_without_scales():
     ps, opt = _trained(ot.Adam8bit, min_8bit_size=100)
     sd = copy.deepcopy(opt.state_dict())
     del sd["state"][0]["exp_avg_absmax"]
-    opt2 = ot.Adam8bit([p.detach().clone().requires_grad_() for p in ps], lr=1e-2)
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opt2 = ot.Adam8bit(qs, lr=1e-2)
+    _continue(qs, opt2, steps=1)
+    before = [{k: v.clone() for k, v in opt2.state[q].items()} for q in qs]
     with pytest.raises(ValueError, match="exp_avg_absmax"):
         opt2.load_state_dict(sd)
+    sd["state"][0]["exp_avg_absmax"] = opt.state[ps[0]]["exp_avg_absmax"]
+    sd["state"][1]["exp_avg_sq"] = sd["state"][1]["exp_avg_sq"].double()
+    with pytest.raises(TypeError, match=r"'exp_avg_sq' of param_groups\[0\] param 1"):
+        opt2.load_state_dict(sd)
+    for q, b in zip(qs, before):   # nothing was loaded
+        assert sorted(opt2.state[q]) == sorted(b)
+        assert all(torch.equal(v, b[k]) for k, v in opt2.state[q].items())
+    assert opt2.param_groups[0]["lr"] == 1e-2
 
 
 # -- master weights with a model copy -------------------------------------------------------

@@ -337,34 +337,36 @@ class _Optimizer(torch.optim.Optimizer):
         taken as they were instead (8-bit codes and scales are not floating-point values)."""
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        where = [(gi, j, p) for gi, g in enumerate(self.param_groups)
+                 for j, p in enumerate(g["params"])]
+        # check every saved state buffer before anything is loaded
+        loaded = [(gi, j, p, saved[k]) for k, (gi, j, p) in zip(ids, where) if k in saved]
+        for gi, j, p, st in loaded:
+            for s in self._buffer_keys(st):
+                name = f"state {s!r} of {param_name(gi, j)}"
+                t = tt.check_tensor(name, st[s], dtypes=lp.STATE_DTYPES)
+                if t.shape != p.shape:
+                    raise ValueError(f"{name} has shape {tuple(t.shape)}, the parameter "
+                                     f"{tuple(p.shape)}")
+                if lp.stored_kind(s, t) in lp.Q8:
+                    lp.check_absmax(name, st, s, p)
         super().load_state_dict(state_dict)
-        for gi, group in enumerate(self.param_groups):
-            h = self._checked_hyper(group, f"param_groups[{gi}]")
-            names = [s for s in self.rule.state_names(h) if s is not None]
-            for j, p in enumerate(group["params"]):
-                k = ids[sum(len(g["params"]) for g in self.param_groups[:gi]) + j]
-                if k not in saved:
-                    continue
-                st = {key: (v.to(device=p.device) if isinstance(v, torch.Tensor)
-                            and key not in self._scalar_keys else self.state[p][key])
-                      for key, v in saved[k].items()}
-                for s in names:
-                    t = st.get(s)
-                    if t is None:
-                        continue
-                    where = f"state {s!r} of {param_name(gi, j)}"
-                    tt.check_tensor(where, t, dtypes=lp.STATE_DTYPES)
-                    if t.shape != p.shape:
-                        raise ValueError(f"{where} has shape {tuple(t.shape)}, the parameter "
-                                         f"{tuple(p.shape)}")
-                    kind = lp.stored_kind(s, t)
-                    if kind in lp.Q8:
-                        lp.check_absmax(where, st, s, p)
-                    if kind != self._state_kinds([p], s)[0] or t.stride() != p.stride():
-                        lp.convert(st, s, p, self._state_kinds([p], s)[0])
-                if st.get(KAHAN) is not None:
-                    st[KAHAN] = st[KAHAN].to(dtype=p.dtype)
-                self.state[p] = st
+        for gi, j, p, saved_st in loaded:
+            st = {key: (v.to(device=p.device) if isinstance(v, torch.Tensor)
+                        and key not in self._scalar_keys else self.state[p][key])
+                  for key, v in saved_st.items()}
+            for s in self._buffer_keys(st):
+                kind = self._state_kinds([p], s)[0]
+                if lp.stored_kind(s, st[s]) != kind or st[s].stride() != p.stride():
+                    lp.convert(st, s, p, kind)
+            if st.get(KAHAN) is not None:
+                st[KAHAN] = st[KAHAN].to(dtype=p.dtype)
+            self.state[p] = st
+
+    def _buffer_keys(self, st):
+        """The keys of the state buffers (parameter-shaped, in a state format) of ``st``."""
+        return [k for k, v in st.items() if isinstance(v, torch.Tensor) and k != KAHAN
+                and k not in self._scalar_keys and not k.endswith(lp.ABSMAX)]
 
     @property
     def state_nbytes(self):
