@@ -225,9 +225,14 @@ class Optimizer:
     Parameters
     ----------
     params : Parameters, list of (param, grad) pairs, or list of dicts
-        What to optimize. A :class:`~optcore.Parameters` arena; or float32 C-contiguous
+        What to optimize. A :class:`~optcore.Parameters` arena (float32); or C-contiguous
         ``(param, grad)`` array pairs of any shapes, used in place without copying; or
-        torch-style group dicts ``{"params": [(param, grad), ...], "lr": ...}``.
+        torch-style group dicts ``{"params": [(param, grad), ...], "lr": ...}``. Pairs are
+        float32, or 16-bit (``ml_dtypes.bfloat16``, ``numpy.float16``): a float32 param takes
+        a float32, bfloat16 or float16 grad (master weights fed 16-bit gradients); a 16-bit
+        param a grad of its own dtype or float32. The arithmetic is float32 either way
+        (16-bit values widened exactly in the update's tile loop). See
+        :doc:`/low_precision`.
     groups : list of dict, optional
         With a ``Parameters`` arena only: groups ``{"params": [names], <hyper>: value}``
         overriding the defaults (e.g. no weight decay on biases). Names not listed form a last
@@ -261,6 +266,25 @@ class Optimizer:
     seed : int
         Seed in ``[0, 2**32)`` of the stochastic rounding (a hash of seed, step and element
         index, so results do not depend on the thread count).
+    rounding : {"stochastic", "nearest"}, optional
+        How a 16-bit parameter is rounded after the update (ignored for float32 ones):
+        stochastically, up with probability equal to the distance to the number below in
+        ulps, so that :math:`E[\mathrm{round}(x)] = x` (the default), or to nearest even,
+        which loses every update smaller than half an ulp of the weight. With
+        ``compensation=True`` the default, and the only choice, is ``"nearest"``.
+    compensation : bool
+        Keep a Kahan compensation buffer (same dtype and shape) for every 16-bit parameter:
+        the parameter is held as :math:`p + c`; after the float32 update :math:`r`,
+        :math:`p = \mathrm{rne}(r)` and :math:`c = \mathrm{rne}(r - p)`, so updates below
+        half an ulp accumulate in :math:`c` instead of being lost. The buffers are optimizer
+        state (``state_dict``, ``state_nbytes``). Needs a 16-bit parameter (ValueError
+        otherwise).
+    model_copy : list of ndarray or dict, optional
+        With float32 parameters (master weights) only: bfloat16 or float16 arrays, one per
+        parameter in order over all groups (a dict name -> array for a ``Parameters``
+        arena), each of its parameter's shape, C-contiguous, writeable and sharing memory
+        with no other buffer. Each step also writes the new parameters, rounded to nearest
+        even, into them in the same sweep (the ZeRO-Offload ``adam_update_copy`` pattern).
     **hyper
         The rule's hyper-parameters (same names and defaults as ``torch.optim``), plus ``l1``
         (default 0): the L1 proximal step :math:`p \leftarrow \operatorname{sign}(p)
