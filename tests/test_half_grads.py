@@ -130,3 +130,60 @@ def test_16bit_passes_are_thread_count_independent():
             optcore.set_num_threads(None)
     for a, b in zip(*out):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_clip_functions_take_16bit_gradients(dtype):
+    """optcore.clip on 16-bit (and mixed) gradient lists: norms of the widened values, and
+    in-place results that are the float32 results rounded to nearest even."""
+    rng = np.random.default_rng(6)
+    gs = grads(rng, [30000, 100, 5], [dtype, "float32", dtype], spread=0.5)
+    wide = widened(gs)
+    assert optcore.clip.global_norm(gs) == optcore.clip.global_norm(wide)
+    np.testing.assert_array_equal(optcore.clip.tensor_norms(gs, "inf"),
+                                  optcore.clip.tensor_norms(wide, "inf"))
+    total = optcore.clip.clip_by_global_norm_(gs, 1.0)
+    assert total == optcore.clip.clip_by_global_norm_(wide, 1.0)
+    for a, w in zip(gs, wide):
+        np.testing.assert_array_equal(a.view(np.uint8), w.astype(a.dtype).view(np.uint8))
+    wide = widened(gs)
+    np.testing.assert_array_equal(optcore.clip.clip_by_norm_(gs, 0.1),
+                                  optcore.clip.clip_by_norm_(wide, 0.1))
+    for a, w in zip(gs, wide):
+        np.testing.assert_array_equal(a.view(np.uint8), w.astype(a.dtype).view(np.uint8))
+    wide = widened(gs)
+    assert optcore.clip.clip_by_value_(gs, 0.01) == optcore.clip.clip_by_value_(wide, 0.01)
+    for a, w in zip(gs, wide):
+        np.testing.assert_array_equal(a.view(np.uint8), w.astype(a.dtype).view(np.uint8))
+
+
+def test_clip_functions_refuse_bad_16bit_input_unchanged():
+    rng = np.random.default_rng(7)
+    g = rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
+    before = g.copy()
+    with pytest.raises(ValueError, match=r"grads\[0\] must be C-contiguous"):
+        optcore.clip.clip_by_global_norm_([g[:, ::2], g], 0.1)
+    ro = g.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"grads\[1\] is read-only"):
+        optcore.clip.clip_by_value_([g, ro], 0.01)
+    with pytest.raises(ValueError, match="share memory"):
+        optcore.clip.clip_by_value_([g, g[:3]], 0.01)
+    with pytest.raises(TypeError, match=r"grads\[1\] must have dtype float32 or bfloat16 or float16"):
+        optcore.clip.clip_by_global_norm_([g, g.astype(np.float64)], 0.1)
+    np.testing.assert_array_equal(g.view(np.uint16), before.view(np.uint16))
+
+
+def test_accumulate_function_takes_16bit_gradients():
+    rng = np.random.default_rng(8)
+    gs = grads(rng, [20000, 3], ["bfloat16", "float16"], spread=0.5)
+    acc = [np.zeros(a.size, np.float32) for a in gs]
+    optcore.scaling.accumulate_(acc, gs, first=True)
+    optcore.scaling.accumulate_(acc, gs)
+    for a, g in zip(acc, gs):
+        np.testing.assert_array_equal(a, 2 * g.astype(np.float32))
+    before = [a.copy() for a in acc]
+    with pytest.raises(ValueError, match="share memory"):
+        optcore.scaling.accumulate_(acc, [acc[0].view(np.uint16)[: 2 * 20000].view(np.float16)[:20000], gs[1]])
+    for a, b in zip(acc, before):
+        np.testing.assert_array_equal(a, b)

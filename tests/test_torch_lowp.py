@@ -187,26 +187,28 @@ def test_nearest_rounding_against_torch_fused_bf16():
     assert float((x - x0).abs().mean()) == pytest.approx(float((y - x0).abs().mean()), rel=1e-3)
 
 
-def test_kahan_compensation_tracks_float32():
-    """compensation=True: the bfloat16 parameter plus its bfloat16 Kahan buffer stays within
-    2e-4 of the float32 run from the same start over 100 steps of lr 1e-4 (measured 1.1e-4;
-    the parameter alone, 3.9e-3, is 34x further); the buffer is in the state as
-    'kahan_comp', in the parameter's dtype."""
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-4), (torch.float16, 1e-5)])
+def test_kahan_compensation_tracks_float32(dtype, tol):
+    """compensation=True: the 16-bit parameter plus its Kahan buffer of the same dtype stays
+    within ``tol`` of the float32 run from the same start over 100 steps of lr 1e-4
+    (measured: bfloat16 1.1e-4, the parameter alone 3.8e-3; float16 4.8e-6, the buffer
+    being subnormal for small weights, the parameter alone 1.6e-3); the buffer is in the
+    state as 'kahan_comp'."""
     n = 50000
-    p = tensors([(n,)], 6, torch.bfloat16)[0]
+    p = tensors([(n,)], 6, dtype)[0]
     a, f = p.clone().requires_grad_(), p.float().requires_grad_()
     oa = ot.Adam([a], lr=1e-4, compensation=True, state_dtype="float32")
     of = ot.Adam([f], lr=1e-4)
     for t in range(100):
-        g = tensors([(n,)], 100 + t, torch.bfloat16)[0]
+        g = tensors([(n,)], 100 + t, dtype)[0]
         a.grad, f.grad = g, g.float()
         oa.step()
         of.step()
     comp = oa.state[a]["kahan_comp"]
-    assert comp.dtype == torch.bfloat16
+    assert comp.dtype == dtype
     err = float(((a.detach().float() + comp.float()) - f.detach()).abs().max())
     plain = float((a.detach().float() - f.detach()).abs().max())
-    assert err < 2e-4 and plain > 10 * err
+    assert err < tol and plain > 10 * err
 
 
 def test_bf16_quadratic_stalls_with_nearest_only():
@@ -535,16 +537,11 @@ def test_bad_state_raises_before_writing(mutate, exc, match):
     assert_unchanged(before, m, opt)
 
 
-def test_float16_compensation_refused_before_writing():
-    m = torch.nn.Linear(4, 3)
-    m.weight.data = m.weight.data.half()
-    m.weight.grad = torch.ones_like(m.weight)
-    m.bias.grad = torch.ones_like(m.bias)
-    opt = ot.Adam(m.parameters(), compensation=True)
-    before = snapshot(m, opt)
-    with pytest.raises(ValueError, match=r"param 0 is torch.float16: compensation"):
-        opt.step()
-    assert_unchanged(before, m, opt)
+def test_compensation_needs_a_16bit_param():
+    with pytest.raises(ValueError, match="compensation=True needs bfloat16 or float16"):
+        ot.Adam([torch.zeros(3, requires_grad=True)], compensation=True)
+    ot.Adam([torch.zeros(3, requires_grad=True), torch.zeros(3, dtype=torch.float16)],
+            compensation=True)
 
 
 def test_load_state_dict_refuses_8bit_without_scales():

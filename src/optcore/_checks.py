@@ -11,10 +11,22 @@ import numpy as np
 
 def float32_buffer(name, a, *, writeable=True):
     """Check that ``a`` is a C-contiguous float32 ndarray (writeable when asked); return it."""
+    return float_buffer(name, a, writeable=writeable, dtypes=("float32",))
+
+
+#: The 16-bit float dtypes some kernels read and write (``ml_dtypes.bfloat16`` and
+#: ``numpy.float16``), by NumPy dtype name; the kernels see them as their uint16 bits.
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def float_buffer(name, a, *, writeable=True, dtypes=("float32",) + HALF_DTYPES):
+    """Check that ``a`` is a C-contiguous ndarray of one of ``dtypes`` (NumPy dtype names;
+    writeable when asked); return it."""
+    kinds = " or ".join(dtypes)
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of float32, got {type(a).__name__}")
-    if a.dtype != np.float32:
-        raise TypeError(f"{name} must have dtype float32, got {a.dtype}")
+        raise TypeError(f"{name} must be a numpy.ndarray of {kinds}, got {type(a).__name__}")
+    if a.dtype.name not in dtypes:
+        raise TypeError(f"{name} must have dtype {kinds}, got {a.dtype}")
     if not a.flags.c_contiguous:
         raise ValueError(
             f"{name} must be C-contiguous (got strides {a.strides} for shape {a.shape}); "
@@ -25,15 +37,18 @@ def float32_buffer(name, a, *, writeable=True):
     return a
 
 
-def array_list(name, x, *, writeable=True):
-    """Return ``x`` (an ndarray or a sequence of them) as a list of checked float32 arrays."""
+def array_list(name, x, *, writeable=True, dtypes=("float32",)):
+    """Return ``x`` (an ndarray or a sequence of them) as a list of checked arrays of
+    ``dtypes`` (float32 by default)."""
     if isinstance(x, np.ndarray):
-        return [float32_buffer(name, x, writeable=writeable)]
+        return [float_buffer(name, x, writeable=writeable, dtypes=dtypes)]
     if not isinstance(x, (list, tuple)):
         raise TypeError(
-            f"{name} must be a float32 ndarray or a list of them, got {type(x).__name__}"
+            f"{name} must be a {' or '.join(dtypes)} ndarray or a list of them, "
+            f"got {type(x).__name__}"
         )
-    return [float32_buffer(f"{name}[{i}]", a, writeable=writeable) for i, a in enumerate(x)]
+    return [float_buffer(f"{name}[{i}]", a, writeable=writeable, dtypes=dtypes)
+            for i, a in enumerate(x)]
 
 
 def same_sizes(reference_name, reference, name, arrays):

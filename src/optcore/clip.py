@@ -1,7 +1,11 @@
 r"""Gradient norms and clipping: global, per tensor, by value, and adaptive (unit-wise).
 
 Every function takes the gradients as a float32 C-contiguous ndarray, a list of them, or an
-arena (``params.grads`` of a :class:`~optcore.Parameters`). Norms come from one read pass of a
+arena (``params.grads`` of a :class:`~optcore.Parameters`). The norm and clipping functions
+(all but :func:`adaptive_clip_`) also take bfloat16 (``ml_dtypes.bfloat16``) and float16
+arrays, alone or mixed with float32 ones: they are read widened exactly to float32, so a norm
+is the norm of the widened values, and the clipping functions round their float32 result
+back to nearest even in place, as NumPy's and torch's conversions do. Norms come from one read pass of a
 multi-tensor kernel (float32 lanes over short blocks folded into float64, overflow-safe,
 bitwise independent of the thread count); the clipping functions then rescale in place with
 one more pass, only when something must change, and return the norm(s) *before* clipping.
@@ -22,6 +26,7 @@ import weakref
 import numpy as np
 
 from optcore import _checks as ck
+from optcore import _lowp
 from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
 from optcore.params import Arena
@@ -39,6 +44,9 @@ __all__ = [
     "Value",
     "Adaptive",
 ]
+
+# What the functions taking gradient arrays accept (the fast path checks float32 only).
+_DTYPES = ("float32",) + ck.HALF_DTYPES
 
 EPS = 1e-6
 """Added to the norm in the clip factor, as ``torch.nn.utils.clip_grad_norm_`` does."""
@@ -117,14 +125,26 @@ def _arena_table(x):
 
 
 def _table(name, x, *, writeable):
-    """A one-slot tensor table over the checked gradients (slot 0)."""
+    """A one-slot tensor table over the checked gradients (slot 0): float32 arrays, or
+    bfloat16/float16 ones (read widened, written back rounded to nearest even)."""
     if isinstance(x, Arena):
         ck.float32_buffer(f"{name}.flat", x.flat, writeable=writeable)
         return _arena_table(x)
-    arrays, addr, size = _array_list(name, x, writeable=writeable)
+    try:
+        arrays, addr, size = _array_list(name, x, writeable=writeable)
+        kinds = None
+    except TypeError:
+        arrays = ck.array_list(name, x, writeable=writeable, dtypes=_DTYPES)
+        kinds = _lowp.formats(arrays)
+        arrays = [_lowp.kernel_view(a) for a in arrays]
+        addr = np.array([a.__array_interface__["data"][0] for a in arrays], dtype=np.uint64)
+        size = np.array([a.nbytes for a in arrays], dtype=np.int64)
     if writeable:
         _no_overlap([name], [addr], [size])
-    return TensorList([arrays])
+    tl = TensorList([arrays])
+    if kinds is not None:
+        tl.set_slot_format(0, kinds)
+    return tl
 
 
 def combine(tsq, tmax, norm_type):
@@ -161,7 +181,7 @@ def global_norm(grads, norm_type=2):
     Parameters
     ----------
     grads : ndarray, list of ndarray, or Arena
-        float32 C-contiguous gradients (read only).
+        float32 (or bfloat16, float16) C-contiguous gradients (read only).
     norm_type : {2, inf}
         The norm.
 
@@ -201,7 +221,7 @@ def tensor_norms(grads, norm_type=2):
     Parameters
     ----------
     grads : ndarray, list of ndarray, or Arena
-        float32 C-contiguous gradients (read only).
+        float32 (or bfloat16, float16) C-contiguous gradients (read only).
     norm_type : {2, inf}
 
     Returns
@@ -227,7 +247,7 @@ def clip_by_global_norm_(grads, max_norm, norm_type=2, error_if_nonfinite=False)
     Parameters
     ----------
     grads : ndarray, list of ndarray, or Arena
-        float32 C-contiguous, writeable gradients, modified in place.
+        float32 (or bfloat16, float16) C-contiguous, writeable gradients, modified in place.
     max_norm : float
         :math:`c \ge 0`.
     norm_type : {2, inf}
@@ -288,7 +308,7 @@ def clip_by_norm_(grads, max_norm, norm_type=2):
     Parameters
     ----------
     grads : ndarray, list of ndarray, or Arena
-        float32 C-contiguous, writeable gradients, modified in place.
+        float32 (or bfloat16, float16) C-contiguous, writeable gradients, modified in place.
     max_norm : float
         :math:`c \ge 0`.
     norm_type : {2, inf}
@@ -325,7 +345,7 @@ def clip_by_value_(grads, limit):
     Parameters
     ----------
     grads : ndarray, list of ndarray, or Arena
-        float32 C-contiguous, writeable gradients, modified in place.
+        float32 (or bfloat16, float16) C-contiguous, writeable gradients, modified in place.
     limit : float
         :math:`\ell \ge 0`.
 

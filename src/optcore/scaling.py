@@ -14,6 +14,7 @@ import math
 import numpy as np
 
 from optcore import _checks as ck
+from optcore import _lowp
 from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
 
@@ -38,7 +39,8 @@ def accumulate_(acc, grad, *, first=False):
     acc : ndarray or list of ndarray
         float32 C-contiguous accumulators, updated in place.
     grad : ndarray or list of ndarray
-        The micro-batch gradients (read only), same sizes.
+        The micro-batch gradients (read only), same sizes: float32, or bfloat16
+        (``ml_dtypes.bfloat16``) / float16, widened exactly.
     first : bool
         Overwrite instead of adding (the first micro-batch of a window), so the accumulator
         never needs zeroing.
@@ -49,10 +51,12 @@ def accumulate_(acc, grad, *, first=False):
     """
     ck.boolean("first", first)
     accs = ck.array_list("acc", acc)
-    grads = ck.array_list("grad", grad, writeable=False)
+    grads = ck.array_list("grad", grad, writeable=False, dtypes=("float32",) + ck.HALF_DTYPES)
     ck.same_sizes("acc", accs, "grad", grads)
     ck.no_overlap({"acc": accs, "grad": grads})
-    _norms.accumulate(TensorList([accs, grads]), 1, 0, first)
+    tl = TensorList([accs, [_lowp.kernel_view(g) for g in grads]])
+    tl.set_slot_format(1, _lowp.formats(grads))
+    _norms.accumulate(tl, 1, 0, first)
 
 
 class GradScaler:

@@ -183,10 +183,6 @@ class Plan:
         self.kinds = {s: opt._state_kinds(self.params, s) for s in state_names if s is not None}
         self.comp = np.array([opt.compensation and p.dtype in lp.HALF_DTYPES for p in self.params],
                              dtype=bool)
-        for j, p, c in zip(self.js, self.params, self.comp):
-            if c and p.dtype != torch.bfloat16:
-                raise ValueError(f"{param_name(gi, j)} is {p.dtype}: compensation=True (the "
-                                 "kernels' Kahan buffer) is for bfloat16 parameters")
         # existing state: every buffer this configuration needs, in the parameter's shape
         self.fresh = []
         self.convert = []

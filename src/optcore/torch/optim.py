@@ -34,7 +34,8 @@ Low precision (see :doc:`/low_precision`), six more keyword-only arguments:
     to nearest) or ``"nearest"``.
 ``compensation``
     True: a Kahan buffer ``kahan_comp`` (the parameter's dtype, in the state as torch-optimi
-    keeps it) carries each bfloat16 parameter's rounding error to the next step.
+    keeps it) carries each bfloat16 or float16 parameter's rounding error to the next step
+    (the parameter is then rounded to nearest; ValueError when every parameter is float32).
 ``model_copy``
     Master weights: the parameters are float32 (with float32 or low-precision state) and
     ``model_copy`` is a sequence of bfloat16/float16 tensors, one per parameter in
@@ -93,7 +94,6 @@ from optcore.torch._plan import KAHAN, Plan, param_name
 __all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "Adam8bit",
            "AdamW8bit"]
 
-ROUNDINGS = ("stochastic", "nearest")
 # the per-group offset of the rounding seed (the NumPy optimizers' own)
 _GROUP_SEED = 0x9E3779B9
 
@@ -193,6 +193,9 @@ class _Optimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.state = _State(dict, self.state)
         self._state_version = None
+        any_half = any(p.dtype in lp.HALF_DTYPES for g in self.param_groups for p in g["params"])
+        self.rounding, self.compensation = _lowp.check_rounding(self.rounding, self.compensation,
+                                                                any_half)
         if model_copy is not None:
             self._copies = self._checked_copies(model_copy)
 
@@ -206,16 +209,8 @@ class _Optimizer(torch.optim.Optimizer):
         if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = int(ck.in_range("seed", int(seed), 0, 2**32 - 1))
-        if not isinstance(compensation, (bool, np.bool_)):
-            raise TypeError(f"compensation must be a bool, got {type(compensation).__name__}")
-        if rounding is not None and rounding not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        if compensation and rounding == "stochastic":
-            raise ValueError("compensation=True keeps the rounding error in the Kahan buffer "
-                             "(the parameter is rounded to nearest): drop rounding='stochastic'")
         self.state_dtype = state_dtype
-        self.rounding = rounding or ("nearest" if compensation else "stochastic")
-        self.compensation = bool(compensation)
+        self.rounding, self.compensation = rounding, compensation
 
     def _checked_copies(self, model_copy):
         """``model_copy`` as one list of 16-bit tensors per group, checked against the float32
