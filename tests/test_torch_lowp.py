@@ -119,6 +119,45 @@ def test_hypothesis_equals_numpy_adam(sizes, state_dtype, lr, beta1, amsgrad, se
         assert np.array_equal(p.detach().numpy(), a)
 
 
+def _np16(t):
+    """A NumPy view (ml_dtypes.bfloat16 or float16) of 16-bit tensor ``t``'s memory."""
+    import ml_dtypes
+    if t.dtype == torch.float16:
+        return t.numpy()
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kw", [dict(), dict(rounding="nearest"), dict(compensation=True),
+                                dict(state_dtype="int8", min_8bit_size=100),
+                                dict(state_dtype="bfloat16", seed=9)])
+def test_16bit_params_equal_numpy_optimizer(dtype, kw):
+    """16-bit parameters and gradients: optcore.torch's AdamW equals the NumPy AdamW on the
+    same 16-bit arrays bit for bit (parameters, Kahan buffers), with the NumPy optimizer given
+    the state format optcore.torch picks by default (bfloat16 for bfloat16 parameters,
+    float32 for float16 ones)."""
+    ps = [p.requires_grad_() for p in tensors(SHAPES, 0, dtype)]
+    opt = ot.AdamW(ps, lr=1e-2, **kw)
+    pn = [_np16(p.detach().clone()) for p in ps]
+    gn = [np.zeros_like(a) for a in pn]
+    nkw = dict(kw)
+    nkw.setdefault("state_dtype", "bfloat16" if dtype == torch.bfloat16 else "float32")
+    on = oo.AdamW(list(zip(pn, gn)), lr=1e-2, **nkw)
+    for t in range(4):
+        for p, g, a in zip(ps, tensors(SHAPES, 300 + t, dtype), gn):
+            p.grad = g
+            a[...] = _np16(g)
+        opt.step()
+        on.step()
+    for p, a in zip(ps, pn):
+        assert np.array_equal(_np16(p.detach()).view(np.uint16), a.view(np.uint16))
+    if kw.get("compensation"):
+        comp = on._groups[0].comp.arrays
+        for p, c in zip(ps, comp):
+            assert np.array_equal(_np16(opt.state[p]["kahan_comp"]).view(np.uint16),
+                                  c.view(np.uint16))
+
+
 def test_bf16_state_tracks_torch_fp32_adam():
     """100 Adam steps on a noisy quadratic of 65536 elements: bfloat16 state (8 significant
     bits, rounded stochastically, hence unbiased) ends within 1e-2 of torch's float32 Adam,
