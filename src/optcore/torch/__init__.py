@@ -1,6 +1,11 @@
 """optcore for PyTorch: ``torch.optim`` drop-ins, gradient clipping and batch-norm modules that
 run optcore's kernels on the tensors' own memory.
 
+Low precision: every optimizer takes ``state_dtype="float32" | "bfloat16" | "int8"``
+(``Adam8bit`` / ``AdamW8bit`` default to 8-bit state), bfloat16/float16 parameters with
+``rounding=`` and ``compensation=``, and float32 master weights with a 16-bit ``model_copy=``
+(see :mod:`optcore.torch.optim` and :doc:`/low_precision`).
+
 Imported only as ``optcore.torch`` (``import optcore`` never imports torch). Tested with
 torch 2.13.0 (CPU build).
 """
