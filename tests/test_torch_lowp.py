@@ -579,8 +579,30 @@ def test_bad_state_raises_before_writing(mutate, exc, match):
 def test_compensation_needs_a_16bit_param():
     with pytest.raises(ValueError, match="compensation=True needs bfloat16 or float16"):
         ot.Adam([torch.zeros(3, requires_grad=True)], compensation=True)
-    ot.Adam([torch.zeros(3, requires_grad=True), torch.zeros(3, dtype=torch.float16)],
-            compensation=True)
+
+
+def test_mixed_group_with_compensation():
+    """A group mixing float32, bfloat16 and empty parameters under compensation=True: the
+    float32 parameter steps exactly as without it (no Kahan buffer), the bfloat16 one as a
+    group of its own with compensation (the kernel runs them as separate parts)."""
+    f32, b16 = tensors([(3000,), (2000,)], 11)
+    b16 = b16.bfloat16()
+    ps = [f32.clone().requires_grad_(), b16.clone().requires_grad_(),
+          torch.zeros(0, dtype=torch.bfloat16, requires_grad=True)]
+    ra, rb = f32.clone().requires_grad_(), b16.clone().requires_grad_()
+    opt = ot.Adam(ps, lr=1e-2, compensation=True)
+    oa, ob = ot.Adam([ra], lr=1e-2), ot.Adam([rb], lr=1e-2, compensation=True)
+    for t in range(3):
+        ga, gb = tensors([(3000,), (2000,)], 400 + t)
+        ps[0].grad, ps[1].grad, ps[2].grad = ga, gb.bfloat16(), torch.zeros(0, dtype=torch.bfloat16)
+        ra.grad, rb.grad = ga.clone(), gb.bfloat16()
+        opt.step()
+        oa.step()
+        ob.step()
+    assert torch.equal(ps[0], ra) and "kahan_comp" not in opt.state[ps[0]]
+    assert torch.equal(ps[1], rb)
+    assert torch.equal(opt.state[ps[1]]["kahan_comp"], ob.state[rb]["kahan_comp"])
+    assert opt.state[ps[2]]["kahan_comp"].shape == (0,)
 
 
 def test_load_state_dict_refuses_8bit_without_scales():
