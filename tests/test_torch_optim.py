@@ -303,10 +303,12 @@ def test_signatures_match_torch():
         ours = inspect.signature(getattr(ot, name).__init__).parameters
         theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
         extra = [k for k in ours if k not in theirs]
-        assert extra == ["clip", "nonfinite"], name
+        assert extra == ["clip", "nonfinite", "state_dtype", "min_8bit_size", "seed", "rounding",
+                         "compensation", "model_copy"], name
         for k, p in theirs.items():
             assert ours[k].default == p.default and ours[k].kind == p.kind, (name, k)
         assert ours["clip"].kind is inspect.Parameter.KEYWORD_ONLY
+        assert all(ours[k].kind is inspect.Parameter.KEYWORD_ONLY for k in extra)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "Adamax", "NAdam"])

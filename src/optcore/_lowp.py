@@ -49,6 +49,29 @@ def formats(arrays):
     return kinds if kinds.any() else None
 
 
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def check_rounding(rounding, compensation, any_half):
+    """Validate ``rounding`` and ``compensation`` of an optimizer whose parameters include a
+    16-bit one when ``any_half``; return ``(rounding, compensation)`` with the default
+    rounding filled in (stochastic, or nearest with compensation)."""
+    compensation = ck.boolean("compensation", compensation)
+    if rounding is not None and not isinstance(rounding, str):
+        raise TypeError(f"rounding must be a str, got {type(rounding).__name__}")
+    if rounding is not None and rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if compensation and not any_half:
+        raise ValueError("compensation=True needs bfloat16 or float16 parameters; every "
+                         "parameter is float32")
+    if compensation and rounding == "stochastic":
+        raise ValueError("compensation=True rounds the parameter to nearest and keeps the "
+                         "remainder; it cannot be combined with rounding='stochastic'")
+    if rounding is None:
+        rounding = "nearest" if compensation else "stochastic"
+    return rounding, compensation
+
+
 def check_state_dtype(state_dtype, min_8bit_size):
     """Validate the ``state_dtype`` and ``min_8bit_size`` arguments of an optimizer."""
     if not isinstance(state_dtype, str):
@@ -186,3 +209,47 @@ class StateBuffer:
         else:
             for t in range(len(self.sizes)):
                 self.set(t, other.get(t))
+
+
+class Compensation:
+    """The Kahan compensation buffers of the 16-bit parameters of a group, zero at the start:
+    ``arrays[t]`` has the dtype and shape of parameter ``t`` (None for a float32 one), all
+    views of one flat uint16 array; the update kernel holds parameter ``t`` as
+    ``params[t] + arrays[t]`` (slot 7)."""
+
+    def __init__(self, params):
+        self.kinds = np.fromiter((FORMATS[a.dtype.name] for a in params), np.uint8, len(params))
+        self.flat = _aligned(sum(a.size for a in params if a.dtype != np.float32), np.uint16)
+        self.arrays, pos = [], 0
+        for a in params:
+            if a.dtype == np.float32:
+                self.arrays.append(None)
+                continue
+            self.arrays.append(self.flat[pos: pos + a.size].view(a.dtype).reshape(a.shape))
+            pos += a.size
+
+    @property
+    def nbytes(self):
+        return self.flat.nbytes
+
+    def addresses(self):
+        """One address per tensor (0: no compensation), for ``TensorList.set_slot_addresses``."""
+        return np.array([0 if a is None else a.__array_interface__["data"][0]
+                         for a in self.arrays], dtype=np.uint64)
+
+    def export(self, prefix):
+        """The buffers as plain arrays: the uint16 bits and the parameters' formats."""
+        return {prefix: self.flat.copy(), prefix + ".formats": self.kinds.copy()}
+
+    def loader(self, prefix, state):
+        """Check what :meth:`export` saved under ``prefix`` in ``state``; return a function
+        writing it into the buffers. Raises ValueError on a missing or mismatched entry."""
+        kinds = state.get(prefix + ".formats")
+        if kinds is None or not np.array_equal(np.asarray(kinds), self.kinds):
+            raise ValueError(f"{prefix}.formats must be {self.kinds.tolist()} (the formats of "
+                             f"the group's parameters), got {kinds!r}")
+        v = state.get(prefix)
+        v = None if v is None else np.asarray(v)
+        if v is None or v.dtype != np.uint16 or v.shape != self.flat.shape:
+            raise ValueError(f"{prefix} must be a uint16 array of shape {self.flat.shape}")
+        return lambda: self.flat.__setitem__(Ellipsis, v)

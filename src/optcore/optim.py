@@ -22,6 +22,12 @@ __all__ = ["Optimizer", "StepResult", "SGD", "AdaGrad", "RMSProp", "Adam", "Adam
 # Hyper-parameters that decide which state buffers exist; fixed after construction.
 _STRUCTURAL = ("momentum", "centered", "amsgrad")
 
+# Kernel slots of the model copy and of the Kahan compensation (see oc_optim.h).
+_SLOT_COPY, _SLOT_COMP = 6, 7
+
+# Parameter and gradient dtypes of the (param, grad) pairs API.
+_DTYPES = ("float32",) + ck.HALF_DTYPES
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -62,7 +68,7 @@ class _Group:
     """The arrays, state and kernel table of one parameter group."""
 
     def __init__(self, rule, hyper, names, params, grads, state_dtype="float32",
-                 min_8bit_size=_lowp.MIN_8BIT_SIZE):
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, copies=None, compensation=False):
         self.names = names
         self.params = params
         self.grads = grads
@@ -86,9 +92,18 @@ class _Group:
         self.step = 0
         self.scalars = {}
         self.structure = {k: hyper[k] != 0 for k in _STRUCTURAL if k in hyper}
-        slots = [params, grads, None] + [None if s is None else self._state_arrays(s)
-                                         for s in self.state_names]
+        slots = [[_lowp.kernel_view(a) for a in params], [_lowp.kernel_view(a) for a in grads],
+                 None] + [None if s is None else self._state_arrays(s) for s in self.state_names]
         self.table = TensorList(slots)
+        self.table.set_slot_format(0, _lowp.formats(params))
+        self.table.set_slot_format(1, _lowp.formats(grads))
+        if copies is not None:
+            self.table.set_slot(_SLOT_COPY, [_lowp.kernel_view(a) for a in copies])
+            self.table.set_slot_format(_SLOT_COPY, _lowp.formats(copies))
+        self.comp = _lowp.Compensation(params) if compensation else None
+        if self.comp is not None:
+            self.table.set_slot_addresses(_SLOT_COMP, self.comp.addresses(), self.comp)
+            self.table.set_slot_format(_SLOT_COMP, self.comp.kinds)
         if state_dtype != "float32":
             for k, s in enumerate(self.state_names):
                 if s is not None:
@@ -112,9 +127,9 @@ class _Group:
 
     @property
     def state_nbytes(self):
-        """Bytes of the state buffers of this group."""
+        """Bytes of the state buffers (and compensation buffers) of this group."""
         return sum(b.flat.nbytes if self.state_dtype == "float32" else b.nbytes
-                   for b in self.state.values())
+                   for b in self.state.values()) + (self.comp.nbytes if self.comp else 0)
 
     def enable_accumulation(self):
         """Give the group a gradient accumulator, read by the update kernel as slot 2."""
@@ -156,15 +171,22 @@ def _scaler_arg(scaler):
     return scaler if scaler.is_enabled() else None
 
 
-def _pairs(arg, name):
+def _pairs(arg, name, half=False):
+    """Check ``(param, grad)`` pairs: float32, or with ``half`` also bfloat16/float16 (a
+    16-bit param takes a grad of its own dtype or float32; a float32 param any grad)."""
     if not isinstance(arg, (list, tuple)) or not all(
         isinstance(p, (list, tuple)) and len(p) == 2 for p in arg
     ):
         raise TypeError(f"{name} must be a list of (param, grad) array pairs")
-    params = [ck.float32_buffer(f"{name}[{i}][0] (param)", p) for i, (p, _) in enumerate(arg)]
-    grads = [ck.float32_buffer(f"{name}[{i}][1] (grad)", g, writeable=False)
+    dtypes = _DTYPES if half else ("float32",)
+    params = [ck.float_buffer(f"{name}[{i}][0] (param)", p, dtypes=dtypes)
+              for i, (p, _) in enumerate(arg)]
+    grads = [ck.float_buffer(f"{name}[{i}][1] (grad)", g, writeable=False, dtypes=dtypes)
              for i, (_, g) in enumerate(arg)]
     for i, (p, g) in enumerate(zip(params, grads)):
+        if p.dtype != np.float32 and g.dtype not in (p.dtype, np.float32):
+            raise TypeError(f"{name}[{i}]: a {p.dtype} param takes a {p.dtype} or float32 grad, "
+                            f"got a {g.dtype} grad")
         if p.shape != g.shape:
             raise ValueError(f"{name}[{i}]: param has shape {p.shape} but grad has shape {g.shape}")
     return params, grads
@@ -203,9 +225,14 @@ class Optimizer:
     Parameters
     ----------
     params : Parameters, list of (param, grad) pairs, or list of dicts
-        What to optimize. A :class:`~optcore.Parameters` arena; or float32 C-contiguous
+        What to optimize. A :class:`~optcore.Parameters` arena (float32); or C-contiguous
         ``(param, grad)`` array pairs of any shapes, used in place without copying; or
-        torch-style group dicts ``{"params": [(param, grad), ...], "lr": ...}``.
+        torch-style group dicts ``{"params": [(param, grad), ...], "lr": ...}``. Pairs are
+        float32, or 16-bit (``ml_dtypes.bfloat16``, ``numpy.float16``): a float32 param takes
+        a float32, bfloat16 or float16 grad (master weights fed 16-bit gradients); a 16-bit
+        param a grad of its own dtype or float32. The arithmetic is float32 either way
+        (16-bit values widened exactly in the update's tile loop). See
+        :doc:`/low_precision`.
     groups : list of dict, optional
         With a ``Parameters`` arena only: groups ``{"params": [names], <hyper>: value}``
         overriding the defaults (e.g. no weight decay on biases). Names not listed form a last
@@ -239,6 +266,25 @@ class Optimizer:
     seed : int
         Seed in ``[0, 2**32)`` of the stochastic rounding (a hash of seed, step and element
         index, so results do not depend on the thread count).
+    rounding : {"stochastic", "nearest"}, optional
+        How a 16-bit parameter is rounded after the update (ignored for float32 ones):
+        stochastically, up with probability equal to the distance to the number below in
+        ulps, so that :math:`E[\mathrm{round}(x)] = x` (the default), or to nearest even,
+        which loses every update smaller than half an ulp of the weight. With
+        ``compensation=True`` the default, and the only choice, is ``"nearest"``.
+    compensation : bool
+        Keep a Kahan compensation buffer (same dtype and shape) for every 16-bit parameter:
+        the parameter is held as :math:`p + c`; after the float32 update :math:`r`,
+        :math:`p = \mathrm{rne}(r)` and :math:`c = \mathrm{rne}(r - p)`, so updates below
+        half an ulp accumulate in :math:`c` instead of being lost. The buffers are optimizer
+        state (``state_dict``, ``state_nbytes``). Needs a 16-bit parameter (ValueError
+        otherwise).
+    model_copy : list of ndarray or dict, optional
+        With float32 parameters (master weights) only: bfloat16 or float16 arrays, one per
+        parameter in order over all groups (a dict name -> array for a ``Parameters``
+        arena), each of its parameter's shape, C-contiguous, writeable and sharing memory
+        with no other buffer. Each step also writes the new parameters, rounded to nearest
+        even, into them in the same sweep (the ZeRO-Offload ``adam_update_copy`` pattern).
     **hyper
         The rule's hyper-parameters (same names and defaults as ``torch.optim``), plus ``l1``
         (default 0): the L1 proximal step :math:`p \leftarrow \operatorname{sign}(p)
@@ -268,7 +314,7 @@ class Optimizer:
 
     def __init__(self, params, groups=None, *, clip=None, nonfinite="propagate", accumulate=1,
                  constraints=None, state_dtype=None, min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0,
-                 **hyper):
+                 rounding=None, compensation=False, model_copy=None, **hyper):
         unknown = set(hyper) - set(self.rule.defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected hyper-parameters {sorted(unknown)}")
@@ -286,11 +332,23 @@ class Optimizer:
         self.rule.check(self.defaults)
         self.parameters = params if isinstance(params, Parameters) else None
         specs = self._group_specs(params, groups)
+        half = {kind: [f"group {i} {kind} {n}" for i, (_, names, ps, gs) in enumerate(specs)
+                       for n, a in zip(names, ps if kind == "param" else gs)
+                       if a.dtype != np.float32] for kind in ("param", "grad")}
+        self.rounding, self.compensation = _lowp.check_rounding(rounding, compensation,
+                                                                bool(half["param"]))
+        first_half = (half["param"] + half["grad"] + [None])[0]
+        if first_half is not None and isinstance(clip, _clip.Adaptive):
+            raise ValueError(f"Adaptive clipping needs float32 parameters and gradients; "
+                             f"{first_half} is 16-bit")
+        copies = self._checked_copies(model_copy, specs)
         seen = {}
         for i, (_, names, ps, gs) in enumerate(specs):
             for n, p, g in zip(names, ps, gs):
                 seen[f"group {i} param {n}"] = [p]
                 seen[f"group {i} grad {n}"] = [g]
+        for label, c in (copies[1] if copies else ()):
+            seen[label] = [c]
         ck.no_overlap(seen)
         # zero_grad writes the gradients: remember the first one it may not write
         self._readonly_grad = next(
@@ -298,12 +356,13 @@ class Optimizer:
              for n, g in zip(names, gs) if not g.flags.writeable), None)
         self.param_groups = []
         self._groups = []
-        for h, names, ps, gs in specs:
+        for gi, (h, names, ps, gs) in enumerate(specs):
             hyper_g = dict(self.defaults, **h)
             self.rule.check(hyper_g)
             self.param_groups.append(dict(hyper_g, params=list(names)))
             self._groups.append(_Group(self.rule, hyper_g, names, ps, gs, self.state_dtype,
-                                       self.min_8bit_size))
+                                       self.min_8bit_size, copies[0][gi] if copies else None,
+                                       self.compensation))
         for g in self._groups:
             if self.accumulate > 1:
                 g.enable_accumulation()
@@ -327,13 +386,51 @@ class Optimizer:
             for i, g in enumerate(params):
                 if "params" not in g:
                     raise TypeError(f"params[{i}] must have a 'params' list of (param, grad) pairs")
-                ps, gs = _pairs(g["params"], f"params[{i}]['params']")
+                ps, gs = _pairs(g["params"], f"params[{i}]['params']", half=True)
                 h = {k: v for k, v in g.items() if k != "params"}
                 self._check_overrides(h, f"params[{i}]")
                 specs.append((h, [str(j) for j in range(len(ps))], ps, gs))
             return specs
-        ps, gs = _pairs(params, "params")
+        ps, gs = _pairs(params, "params", half=True)
         return [({}, [str(j) for j in range(len(ps))], ps, gs)]
+
+    def _checked_copies(self, model_copy, specs):
+        """Check ``model_copy`` against the parameters of ``specs``; return None, or
+        ``(per-group lists of arrays, [(label, array)])``."""
+        if model_copy is None:
+            return None
+        entries = [(gi, n, p) for gi, (_, names, ps, _) in enumerate(specs)
+                   for n, p in zip(names, ps)]
+        if self.parameters is not None:
+            if not isinstance(model_copy, dict):
+                raise TypeError("model_copy must be a dict name -> array for a Parameters "
+                                f"arena, got {type(model_copy).__name__}")
+            names = [n for _, n, _ in entries]
+            if set(model_copy) != set(names):
+                missing = sorted(set(names) - set(model_copy), key=names.index)
+                unknown = sorted(map(repr, set(model_copy) - set(names)))
+                raise ValueError(f"model_copy must name every parameter once: missing {missing}, "
+                                 f"unknown {unknown}")
+            arrays = [(f"model_copy[{n!r}]", model_copy[n]) for _, n, _ in entries]
+        else:
+            if not isinstance(model_copy, (list, tuple)):
+                raise TypeError("model_copy must be a list of arrays, one per parameter, got "
+                                f"{type(model_copy).__name__}")
+            if len(model_copy) != len(entries):
+                raise ValueError(f"model_copy has {len(model_copy)} arrays but there are "
+                                 f"{len(entries)} parameters")
+            arrays = [(f"model_copy[{i}]", c) for i, c in enumerate(model_copy)]
+        per_group = [[] for _ in specs]
+        for (gi, n, p), (label, c) in zip(entries, arrays):
+            if p.dtype != np.float32:
+                raise ValueError(f"model_copy needs float32 parameters (master weights); "
+                                 f"group {gi} param {n} is {p.dtype}")
+            ck.float_buffer(label, c, dtypes=ck.HALF_DTYPES)
+            if c.shape != p.shape:
+                raise ValueError(f"{label} has shape {c.shape} but its parameter has shape "
+                                 f"{p.shape}")
+            per_group[gi].append(c)
+        return per_group, arrays
 
     def _check_overrides(self, h, where):
         unknown = set(h) - set(self.defaults)
@@ -354,6 +451,9 @@ class Optimizer:
         for name, c in constraints.items():
             if name not in arrays:
                 raise ValueError(f"constraints names unknown parameter {name!r}")
+            if arrays[name].dtype != np.float32:
+                raise ValueError(f"constraints[{name!r}]: constraints need float32 parameters, "
+                                 f"this one is {arrays[name].dtype}")
             if not callable(c):
                 raise TypeError(f"constraints[{name!r}] must be callable, got {type(c).__name__}")
             if hasattr(c, "check"):
@@ -481,7 +581,7 @@ class Optimizer:
             go = _rules.grad_opts(lr=h["lr"], weight_decay=h["weight_decay"],
                                   decoupled=self.rule.decoupled(h), maximize=h["maximize"],
                                   grad_scale=scale, tensor_scale=ts, clamp=clamp, l1=h["l1"])
-            go.set_rounding(self.seed + 0x9E3779B9 * gi, g.step + 1, False)
+            go.set_rounding(self.seed + 0x9E3779B9 * gi, g.step + 1, self.rounding == "stochastic")
             self.rule.run(g.table if g.units is None else g.units, go, h, g.step + 1, g.scalars)
             g.step += 1
         self._store_lr(hypers)
@@ -572,6 +672,8 @@ class Optimizer:
                     out.update(buf.export(p + "state." + s))
             for s, v in g.scalars.items():
                 out[p + "scalar." + s] = v
+            if g.comp is not None:
+                out.update(g.comp.export(p + "compensation"))
         out.update(self._fused_state())
         return out
 
@@ -632,6 +734,11 @@ class Optimizer:
                 if (hyper[k] != 0) != on:
                     raise ValueError(f"{p}hyper.{k} needs other state buffers than this optimizer has")
             arrays = {s: self._state_loader(g, p + "state." + s, state) for s in g.state}
+            if g.comp is not None:
+                arrays["compensation"] = g.comp.loader(p + "compensation", state)
+            elif p + "compensation" in state:
+                raise ValueError(f"state has {p}compensation but this optimizer has "
+                                 "compensation=False")
             step = np.asarray(state.get(p + "step", -1))
             if step.shape != () or not np.issubdtype(step.dtype, np.integer) or step < 0:
                 raise ValueError(f"{p}step must be an integer >= 0, got {step!r}")

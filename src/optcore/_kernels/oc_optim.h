@@ -2,15 +2,17 @@
  *
  * Slots of the oc_list: 0 parameter, 1 gradient, 2 gradient accumulator (optional), 3..5 the
  * rule's state buffers, 6 a model copy of the parameter (optional), 7 the Kahan compensation
- * of a bfloat16 parameter (optional). Every buffer is read and written once per call.
+ * of a 16-bit parameter (optional). Every buffer is read and written once per call. A slot's
+ * address may be NULL for some tensors (no model copy or compensation for that tensor).
  *
  * Low precision (oc_lowp.h): a chunk whose slots are all float32 runs the rule on the buffers
  * directly. Otherwise, per tile, the parameter, gradient and state slots stored in another
  * format are converted into float32 tiles (L1), the same rule runs on them, and they are
  * stored back in their format in the same sweep: bfloat16 state with stochastic rounding,
- * 8-bit state requantized per block with its new absmax, a bfloat16 parameter rounded to
- * nearest, stochastically or with its compensation (p = bf16 + comp, split again after the
- * update), and the model copy written as bfloat16 rounded to nearest from the float32
+ * 8-bit state requantized per block with its new absmax, a bfloat16 or float16 parameter
+ * rounded to nearest, stochastically or with its compensation (p = p16 + comp, both of the
+ * parameter's format, split again after the update: p16 = rne(p), comp = rne(p - p16)), and
+ * the model copy written as bfloat16 or float16 rounded to nearest from the float32
  * parameter.
  *
  * Per tile, the gradient the rule sees is
@@ -35,7 +37,7 @@ typedef struct {
     float decay;               /* decoupled weight decay factor applied to p first; 1 when off */
     float l1_thresh;           /* soft threshold of the L1 proximal step; 0 when off */
     uint32_t rng_key;          /* oc_rng_key(seed, step): stochastic rounding of this step */
-    int param_sr;              /* a bfloat16 parameter is rounded stochastically (else to nearest) */
+    int param_sr;              /* a 16-bit parameter is rounded stochastically (else to nearest) */
 } oc_gradopts;
 
 /* The gradient of one tile as the rule sees it. Returns `grad` itself when nothing changes it,
@@ -250,7 +252,7 @@ static inline void oc_lp_slots(const oc_list *L, int64_t c, uint32_t key, oc_lp_
         o->absmax = NULL;
         o->kind = OC_F32;
         o->base = 0;
-        if (L->slots[s] == NULL) continue;
+        if (L->slots[s] == NULL || L->slots[s][t] == NULL) continue;
         o->kind = L->kinds[s] != NULL ? L->kinds[s][t] : OC_F32;
         const int64_t size = o->kind == OC_F32 ? 4 : (o->kind == OC_BF16 || o->kind == OC_F16 ? 2 : 1);
         o->data = (char *)L->slots[s][t] + start * size;
@@ -268,20 +270,34 @@ oc_lp_tile(const oc_lp_slot *s, float *buf, int64_t i, int64_t n) {
     return buf;
 }
 
-/* A bfloat16 parameter with compensation, as float32: p + comp. */
+/* A 16-bit parameter (`kind` OC_BF16 or OC_F16) with its compensation of the same format, as
+ * float32: p + comp. */
 static inline __attribute__((always_inline)) void
 oc_kahan_load(float *OC_RESTRICT p, const uint16_t *OC_RESTRICT pb, const uint16_t *OC_RESTRICT cb,
-              int64_t n) {
-    for (int64_t i = 0; i < n; i++) p[i] = oc_bf16_to_f32(pb[i]) + oc_bf16_to_f32(cb[i]);
+              int64_t n, int kind) {
+    if (kind == OC_BF16)
+        for (int64_t i = 0; i < n; i++) p[i] = oc_bf16_to_f32(pb[i]) + oc_bf16_to_f32(cb[i]);
+    else
+        for (int64_t i = 0; i < n; i++) p[i] = oc_f16_to_f32(pb[i]) + oc_f16_to_f32(cb[i]);
 }
 
+/* Split p into its rounding to nearest and the rounded remainder (p - p16 is exact in
+ * float32: p16 is within half an ulp of p). */
 static inline __attribute__((always_inline)) void
 oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *OC_RESTRICT p,
-               int64_t n) {
-    for (int64_t i = 0; i < n; i++) {
-        uint16_t b = oc_f32_to_bf16_rne(p[i]);
-        pb[i] = b;
-        cb[i] = oc_f32_to_bf16_rne(p[i] - oc_bf16_to_f32(b));
+               int64_t n, int kind) {
+    if (kind == OC_BF16) {
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t b = oc_f32_to_bf16_rne(p[i]);
+            pb[i] = b;
+            cb[i] = oc_f32_to_bf16_rne(p[i] - oc_bf16_to_f32(b));
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t b = oc_f32_to_f16_rne(p[i]);
+            pb[i] = b;
+            cb[i] = oc_f32_to_f16_rne(p[i] - oc_f16_to_f32(b));
+        }
     }
 }
 
@@ -323,7 +339,7 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
             float *pt;                                                                        \
             if (K->data != NULL) {                                                            \
                 oc_kahan_load(pbuf, (const uint16_t *)P->data + i,                           \
-                              (const uint16_t *)K->data + i, m);                             \
+                              (const uint16_t *)K->data + i, m, P->kind);                    \
                 pt = pbuf;                                                                    \
             } else {                                                                          \
                 pt = oc_lp_tile(P, pbuf, i, m);                                               \
@@ -340,7 +356,8 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
                 if (S[3 + k].data != NULL && S[3 + k].kind != OC_F32)                         \
                     oc_lp_store(&S[3 + k], sbuf[k], i, m, 1, start + i);                      \
             if (K->data != NULL)                                                              \
-                oc_kahan_store((uint16_t *)P->data + i, (uint16_t *)K->data + i, pbuf, m);   \
+                oc_kahan_store((uint16_t *)P->data + i, (uint16_t *)K->data + i, pbuf, m,    \
+                               P->kind);                                                      \
             else if (P->kind != OC_F32)                                                       \
                 oc_lp_store(P, pbuf, i, m, o->param_sr, start + i);                           \
             if (MC->data != NULL) oc_lp_store(MC, pt, i, m, 0, start + i);                   \
@@ -360,12 +377,20 @@ OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile)
 OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile)
 OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile)
 
-/* Set slot `s` of every tensor to `value` (zero_grad over a table of arrays). */
+/* Set slot `s` of every tensor to `value` (zero_grad over a table of arrays): float32, or a
+ * 16-bit slot (its format from the table) to `value` rounded to nearest. */
 static inline __attribute__((always_inline)) void
 oc_fill_chunk(const oc_list *L, int s, float value, int64_t c) {
-    float *x = oc_slot(L, s, c);
-    const int64_t n = oc_chunk_len(L, c);
-    for (int64_t i = 0; i < n; i++) x[i] = value;
+    const int64_t t = L->chunk_tensor[c], n = oc_chunk_len(L, c);
+    const int kind = L->kinds[s] != NULL ? L->kinds[s][t] : OC_F32;
+    if (kind == OC_F32) {
+        float *x = oc_slot(L, s, c);
+        for (int64_t i = 0; i < n; i++) x[i] = value;
+        return;
+    }
+    const uint16_t h = kind == OC_BF16 ? oc_f32_to_bf16_rne(value) : oc_f32_to_f16_rne(value);
+    uint16_t *x = (uint16_t *)L->slots[s][t] + L->chunk_start[c];
+    for (int64_t i = 0; i < n; i++) x[i] = h;
 }
 
 OC_CLONES static void oc_fill_run(const oc_list *L, int s, float value, const oc_exec *ex) {

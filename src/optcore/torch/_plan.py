@@ -27,12 +27,19 @@ import torch
 
 from optcore import _fused
 from optcore._kernels._runtime import TensorList
+from optcore.torch import _lowp as lp
 from optcore.torch import _tensors as tt
 
 _is = operator.is_
 _ptr = torch.Tensor.data_ptr
 _stride = torch.Tensor.stride
 _contiguous = torch.Tensor.is_contiguous
+
+
+#: state key of the Kahan compensation of a 16-bit parameter (torch-optimi's name)
+KAHAN = "kahan_comp"
+#: table slots of the model copy and of the Kahan compensation (oc_optim.h)
+OC_SLOT_COPY, OC_SLOT_COMP = 6, 7
 
 
 def param_name(gi, j):
@@ -51,11 +58,16 @@ class Part:
     step), identical for every tensor of the part.
     """
 
-    def __init__(self, rows, key, lengths, slots, refs, units):
+    def __init__(self, rows, key, lengths, slots, refs, units, formats):
         self.rows = rows
         self.key = key
         self.table = TensorList.from_addresses(_take(lengths, rows), [_take(a, rows) for a in slots],
                                                refs)
+        for s, (kinds, absmax) in formats.items():
+            if s < len(slots):
+                self.table.set_slot_format(
+                    s, _take(kinds, rows),
+                    absmax if absmax is None or rows is None else [absmax[r] for r in rows])
         self.units = None
         self.unit_tensor = None
         if units is not None:
@@ -133,7 +145,7 @@ class Plan:
     only validates; :meth:`commit` writes (new state, tables).
     """
 
-    def __init__(self, opt, gi, group, grads, state_names):
+    def __init__(self, opt, gi, group, grads, state_names, copies=None):
         ps = group["params"]
         self.gi = gi
         self.group_params = list(ps)
@@ -142,26 +154,39 @@ class Plan:
         self.js = [j for j, g in enumerate(grads) if g is not None]
         self.params = [ps[j] for j in self.js]
         self.grads = [grads[j] for j in self.js]
+        # model copies (model_copy=): written in the sweep, their .grad is the gradient
+        self.copies = None if copies is None else [copies[j] for j in self.js]
+        self.cptr_list = None if copies is None else list(map(_ptr, self.copies))
         self.state_names = state_names
         self.committed = False
         names, tensors = [], []
-        for j, p, g in zip(self.js, self.params, self.grads):
+        for i, (j, p, g) in enumerate(zip(self.js, self.params, self.grads)):
             name = param_name(gi, j)
-            tt.check_tensor(name, p)
-            tt.check_tensor(f"gradient of {name}", g)
+            tt.check_tensor(name, p, dtypes=tuple(lp.PARAM_KINDS))
+            gdtype = p.dtype if copies is None else self.copies[i].dtype
+            tt.check_tensor(f"gradient of {name}", g, dtypes=(gdtype,))
             tt.same_layout(f"gradient of {name}", g, name, p)
             names += [name, f"gradient of {name}"]
             tensors += [p, g]
+            if copies is not None:
+                names.append(f"model copy of {name}")
+                tensors.append(self.copies[i])
         self.contiguous = all(map(_contiguous, self.params))
         self.strides = list(map(_stride, self.params))
         self.lengths = tt.lengths(self.params)
         self.pptr_list = list(map(_ptr, self.params))
         self.pptrs = np.array(self.pptr_list, dtype=np.uint64).reshape(-1)
         self.gptrs = _pointers(self.grads)
+        # formats: of each parameter (and gradient), of each state buffer, Kahan compensation
+        self.param_kinds = np.array([lp.PARAM_KINDS[p.dtype] for p in self.params], np.uint8)
+        self.grad_kinds = np.array([lp.PARAM_KINDS[g.dtype] for g in self.grads], np.uint8)
+        self.kinds = {s: opt._state_kinds(self.params, s) for s in state_names if s is not None}
+        self.comp = np.array([opt.compensation and p.dtype in lp.HALF_DTYPES for p in self.params],
+                             dtype=bool)
         # existing state: every buffer this configuration needs, in the parameter's shape
         self.fresh = []
         self.convert = []
-        for j, p in zip(self.js, self.params):
+        for i, (j, p) in enumerate(zip(self.js, self.params)):
             st = opt.state.get(p)
             if not st:
                 self.fresh.append(p)
@@ -178,16 +203,38 @@ class Plan:
                         "steps did not create (torch.optim fails here too); create a new "
                         "optimizer to switch this option on"
                     )
-                t = tt.check_tensor(name, st[s])
+                t = tt.check_tensor(name, st[s], dtypes=lp.STATE_DTYPES)
+                if t.shape != p.shape:
+                    raise ValueError(f"{name} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
+                kind = lp.stored_kind(s, t)
+                if kind in lp.Q8:
+                    lp.check_absmax(name, st, s, p)
+                if kind != self.kinds[s][i] or t.stride() != p.stride():
+                    self.convert.append((st, s, p, self.kinds[s][i]))
+                else:
+                    names.append(name)
+                    tensors.append(t)
+                    if kind in lp.Q8:
+                        names.append(f"state {lp.absmax_key(s)!r} of {param_name(gi, j)}")
+                        tensors.append(st[lp.absmax_key(s)])
+            if self.comp[i] and st.get(KAHAN) is not None:
+                name = f"state {KAHAN!r} of {param_name(gi, j)}"
+                t = tt.check_tensor(name, st[KAHAN], dtypes=(p.dtype,))
                 if t.shape != p.shape:
                     raise ValueError(f"{name} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
                 if t.stride() != p.stride():
-                    self.convert.append((st, s, p))
+                    self.convert.append((st, KAHAN, p, None))
                 else:
                     names.append(name)
                     tensors.append(t)
         tt.no_overlap(names, tensors)
-        self.units = Units(gi, self.js, self.params) if opt._unit_tables else None
+        self.units = None
+        if opt._unit_tables:
+            if (self.param_kinds.any() or self.grad_kinds.any()
+                    or any(k.any() for k in self.kinds.values())):
+                raise ValueError(f"param_groups[{gi}]: adaptive clipping needs float32 "
+                                 "parameters and state")
+            self.units = Units(gi, self.js, self.params)
 
     # -- per step -------------------------------------------------------------------------
 
@@ -207,6 +254,8 @@ class Plan:
         gs = grads if len(self.js) == len(grads) else [grads[j] for j in self.js]
         if list(map(_ptr, self.params)) != self.pptr_list:
             return False
+        if self.copies is not None and list(map(_ptr, self.copies)) != self.cptr_list:
+            return False
         # torch's grad setter and autograd guarantee the parameter's dtype, device and shape;
         # not its strides, nor a dense layout (a sparse tensor raises on is_contiguous,
         # stride and data_ptr)
@@ -219,7 +268,7 @@ class Plan:
         if not ok:
             for j, p, g in zip(self.js, self.params, gs):
                 name = param_name(self.gi, j)
-                tt.check_tensor(f"gradient of {name}", g)
+                tt.check_tensor(f"gradient of {name}", g, dtypes=(p.dtype,))
                 tt.same_layout(f"gradient of {name}", g, name, p)
             gptrs = _pointers(gs)
         return gs, gptrs
@@ -246,15 +295,20 @@ class Plan:
         keeps = opt._keeps_state(self.state_names)
         for p in self.fresh if keeps else ():
             opt.state[p].update(opt._new_state(p, group, self.state_names))
-        for st, s, p in self.convert:
-            st[s] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(st[s])
+        for st, s, p, kind in self.convert:
+            if s == KAHAN:
+                st[s] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(st[s])
+            else:
+                lp.convert(st, s, p, kind)
         self.fresh = self.convert = None
         states = [opt.state[p] for p in self.params] if keeps else [{} for _ in self.params]
         keys = [opt._part_key(st) for st in states]
-        for st, p in zip(states, self.params):
+        for i, (st, p) in enumerate(zip(states, self.params)):
             for s in self.state_names:
                 if s is not None and st.get(s) is None:
-                    st[s] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st.update(lp.filled(p, self.kinds[s][i], 0.0, s))
+            if self.comp[i] and st.get(KAHAN) is None:
+                st[KAHAN] = torch.zeros_like(p, memory_format=torch.preserve_format)
         # per-parameter scalars (step, mu_product) become views of one float32 buffer each,
         # so that one write per part updates them all
         self.scalars = {}
@@ -265,16 +319,29 @@ class Plan:
             self.scalars[k] = buf
         slots = [self.pptrs, self.gptrs, None]
         slots += [None if s is None else _pointers([st[s] for st in states]) for s in self.state_names]
+        slots += [None] * (OC_SLOT_COPY - len(slots))
+        slots.append(None if self.copies is None else _pointers(self.copies))
+        slots.append(np.array([st[KAHAN].data_ptr() if c else 0 for st, c in zip(states, self.comp)],
+                              dtype=np.uint64))
+        formats = {}
+        if self.param_kinds.any():
+            formats[0] = formats[OC_SLOT_COMP] = (self.param_kinds, None)
+        if self.grad_kinds.any():
+            formats[1] = (self.grad_kinds, None)
+        if self.copies is not None:
+            formats[OC_SLOT_COPY] = (self.grad_kinds, None)
+        for k, s in enumerate(self.state_names):
+            if s is not None and self.kinds[s].any():
+                formats[3 + k] = (self.kinds[s], lp.absmax_arrays(states, s, self.kinds[s]))
         # the tables own what they address (the gradients' slot gets its own refs per step)
-        refs = (self.params, [st[s] for st in states for s in self.state_names if s is not None])
+        refs = (self.params, self.copies, [v for st in states for v in st.values() if isinstance(v, torch.Tensor)])
         by_key = {}
         for i, k in enumerate(keys):
-            by_key.setdefault(k, []).append(i)
-        if len(by_key) == 1:
-            self.parts = [Part(None, keys[0], self.lengths, slots, refs, self.units)]
-        else:
-            self.parts = [Part(np.asarray(rows, dtype=np.int64), k, self.lengths, slots, refs,
-                               self.units) for k, rows in by_key.items()]
+            by_key.setdefault((k, bool(self.comp[i])), []).append(i)
+        whole = len(by_key) == 1
+        self.parts = [Part(None if whole else np.asarray(rows, dtype=np.int64), k, self.lengths,
+                           slots if comp else slots[:OC_SLOT_COMP], refs, self.units, formats)
+                      for (k, comp), rows in by_key.items()]
         self.committed = True
         self.set_grads((self.grads, self.gptrs))
 

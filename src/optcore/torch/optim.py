@@ -17,6 +17,43 @@ Two keyword-only arguments are added to torch's signatures:
     ``"propagate"`` (torch's behaviour), ``"skip"`` (a NaN or inf gradient skips the step:
     nothing changes) or ``"raise"`` (FloatingPointError naming the tensor, nothing changes).
 
+Low precision (see :doc:`/low_precision`), six more keyword-only arguments:
+
+``state_dtype``
+    ``"float32"``, ``"bfloat16"`` or ``"int8"``: how the state buffers are stored, under
+    torch's keys in ``opt.state[p]``: float32 or ``torch.bfloat16`` tensors, or for 8-bit
+    ``torch.uint8`` codes with a float32 ``<key>_absmax`` tensor of ``ceil(n / 256)`` block
+    scales (blocks over the parameter's memory order; tensors below ``min_8bit_size``, default
+    4096, keep float32 state). Default None: bfloat16 state for bfloat16 parameters (torch's
+    own state dtype there), float32 otherwise (also for float16 parameters, whose moments
+    would underflow in float16; torch keeps them in float16). :class:`Adam8bit` and
+    :class:`AdamW8bit` default to ``"int8"``.
+``rounding``
+    How a bfloat16 or float16 parameter is written back: ``"stochastic"`` (the default,
+    unbiased: an update far below half an ulp still moves the weight on average; torch rounds
+    to nearest) or ``"nearest"``.
+``compensation``
+    True: a Kahan buffer ``kahan_comp`` (the parameter's dtype, in the state as torch-optimi
+    keeps it) carries each bfloat16 or float16 parameter's rounding error to the next step
+    (the parameter is then rounded to nearest; ValueError when every parameter is float32).
+``model_copy``
+    Master weights: the parameters are float32 (with float32 or low-precision state) and
+    ``model_copy`` is a sequence of bfloat16/float16 tensors, one per parameter in
+    ``param_groups`` order, with the parameters' shapes and strides: the model that runs
+    forward and backward. The step reads the gradient from each copy's ``.grad`` (a master
+    with a ``.grad`` of its own raises ValueError) and writes the updated master, rounded to
+    nearest, into the copy in the same sweep (DeepSpeed's ``adam_update_copy`` pattern);
+    ``zero_grad()`` resets the copies' gradients. ``add_param_group`` is refused.
+``seed``
+    Seed of the stochastic rounding (state and parameters): a hash of (seed, step, element
+    index), so the bits do not depend on the thread count.
+
+A bfloat16 or float16 parameter's gradient has its dtype (torch guarantees it); the kernels
+read both converted in the tile and compute in float32. ``load_state_dict`` stores every
+state buffer in this optimizer's format (quantizing, rounding or dequantizing through the
+kernels' own conversions), so states move between ``torch.optim``, 8-bit, bfloat16 and float32
+optcore optimizers in every direction.
+
 After every ``step()``, ``opt.last_result`` is the :class:`~optcore.optim.StepResult` of that
 step (``grad_norm``, ``clip_factor``, ``skipped``, ``loss_scale``, ``applied``).
 
@@ -25,8 +62,8 @@ optimizer its scale and overflow flag (``grad_scale``, ``found_inf``) instead of
 gradients itself; the step unscales on the fly and skips when ``found_inf`` is set, as torch's
 fused optimizers do.
 
-Accepted tensors: float32, CPU, dense (contiguous, channels_last or any permutation of the
-dimensions), parameters not sharing memory; a gradient must have its parameter's strides and
+Accepted tensors: float32, bfloat16 or float16, CPU, dense (contiguous, channels_last or any
+permutation of the dimensions), parameters not sharing memory; a gradient must have its parameter's strides and
 be dense. Anything else raises TypeError/ValueError naming the group and parameter index
 before anything of the step is written. ``capturable=True`` and ``differentiable=True`` are
 refused; ``foreach`` and ``fused`` are accepted and ignored (optcore is always one fused
@@ -46,13 +83,19 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from optcore import _fused, _rules
+from optcore import _checks as ck
+from optcore import _fused, _lowp, _rules
 from optcore import clip as _clip
 from optcore.optim import StepResult
+from optcore.torch import _lowp as lp
 from optcore.torch import _tensors as tt
-from optcore.torch._plan import Plan, param_name
+from optcore.torch._plan import KAHAN, Plan, param_name
 
-__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam"]
+__all__ = ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "Adamax", "NAdam", "Adam8bit",
+           "AdamW8bit"]
+
+# the per-group offset of the rounding seed (the NumPy optimizers' own)
+_GROUP_SEED = 0x9E3779B9
 
 _grad = operator.attrgetter("grad")
 _increment_version = torch._C._increment_version
@@ -131,25 +174,83 @@ class _Optimizer(torch.optim.Optimizer):
     _scalar_keys = ("step",)
     # state buffers created on first use even when the parameter already has state
     _lazy_state = ()
+    # state_dtype=None: follow the parameter (bfloat16 state for bfloat16 parameters)
+    _default_state_dtype = None
 
-    def __init__(self, params, defaults, clip, nonfinite):
+    def __init__(self, params, defaults, clip, nonfinite, lowp, model_copy=None):
         self.clip, self.nonfinite, _ = _fused.options(clip, nonfinite)
         _refuse_sharded_global_decisions(self.clip, self.nonfinite)
+        self._set_lowp(**lowp)
+        if self.state_dtype not in (None, "float32") and isinstance(self.clip, _clip.Adaptive):
+            raise ValueError("Adaptive clipping needs float32 state (state_dtype='float32')")
+        self._sr_steps = 0
         self._unit_tables = isinstance(self.clip, _clip.Adaptive)
         self._plans = []
         self.last_result = None
         self.skipped_steps = 0
         self._checked_hyper(defaults, "the defaults")
+        self._copies = None
         super().__init__(params, defaults)
         self.state = _State(dict, self.state)
         self._state_version = None
+        any_half = any(p.dtype in lp.HALF_DTYPES for g in self.param_groups for p in g["params"])
+        self.rounding, self.compensation = _lowp.check_rounding(self.rounding, self.compensation,
+                                                                any_half)
+        if model_copy is not None:
+            self._copies = self._checked_copies(model_copy)
+
+    def _set_lowp(self, state_dtype, min_8bit_size, seed, rounding, compensation):
+        """Validate and store the low-precision options (see :mod:`optcore.torch.optim`)."""
+        if state_dtype is None:
+            state_dtype = self._default_state_dtype
+        if state_dtype is not None:
+            state_dtype, _ = _lowp.check_state_dtype(state_dtype, 1)
+        self.min_8bit_size = ck.positive_int("min_8bit_size", min_8bit_size)
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = int(ck.in_range("seed", int(seed), 0, 2**32 - 1))
+        self.state_dtype = state_dtype
+        self.rounding, self.compensation = rounding, compensation
+
+    def _checked_copies(self, model_copy):
+        """``model_copy`` as one list of 16-bit tensors per group, checked against the float32
+        master parameters (same shape and strides, no shared memory, masters without .grad)."""
+        if isinstance(model_copy, torch.Tensor) or not hasattr(model_copy, "__iter__"):
+            raise TypeError("model_copy must be a sequence of tensors, one per parameter")
+        copies = list(model_copy)
+        masters = [p for g in self.param_groups for p in g["params"]]
+        if len(copies) != len(masters):
+            raise ValueError(f"model_copy has {len(copies)} tensors for {len(masters)} parameters")
+        names, tensors, out, k = [], [], [], 0
+        for gi, g in enumerate(self.param_groups):
+            out.append(copies[k: k + len(g["params"])])
+            for j, (p, c) in enumerate(zip(g["params"], out[-1])):
+                name = param_name(gi, j)
+                tt.check_tensor(f"model copy of {name}", c, dtypes=lp.HALF_DTYPES)
+                if p.dtype != torch.float32:
+                    raise TypeError(f"{name} is {p.dtype}: with model_copy the parameters are "
+                                    "the float32 master weights")
+                tt.same_layout(f"model copy of {name}", c, name, p)
+                if p.grad is not None:
+                    raise ValueError(f"{name} has its own .grad: with model_copy the gradient "
+                                     "is read from the model copy's .grad")
+                names += [name, f"model copy of {name}"]
+                tensors += [p, c]
+            k += len(g["params"])
+        tt.no_overlap(names, tensors)
+        return out
 
     # -- torch.optim.Optimizer plumbing ---------------------------------------------------
+
+    _LOWP_DEFAULTS = dict(state_dtype=None, min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0,
+                          rounding="stochastic", compensation=False, _sr_steps=0,
+                          _copies=None)
 
     def __getstate__(self):
         state = super().__getstate__()
         state.update(clip=self.clip, nonfinite=self.nonfinite, skipped_steps=self.skipped_steps,
                      last_result=self.last_result)
+        state.update({k: getattr(self, k) for k in self._LOWP_DEFAULTS})
         return state
 
     def __setstate__(self, state):
@@ -161,6 +262,8 @@ class _Optimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("nonfinite", "propagate")
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("last_result", None)
+        for k, v in self._LOWP_DEFAULTS.items():
+            self.__dict__.setdefault(k, v)
         self._unit_tables = isinstance(self.clip, _clip.Adaptive)
         # new state tensors (load_state_dict): every table is rebuilt at the next step
         self.state = _State(dict, self.state)
@@ -172,6 +275,9 @@ class _Optimizer(torch.optim.Optimizer):
         are checked (float32, CPU, dense, not sharing memory with any other parameter)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        if self._copies is not None:
+            raise ValueError("model_copy pairs the parameters given at construction with their "
+                             "copies; add_param_group is not supported with model_copy")
         params = param_group["params"]
         if isinstance(params, torch.Tensor):
             params = [params]
@@ -184,7 +290,7 @@ class _Optimizer(torch.optim.Optimizer):
         for j, p in enumerate(params):
             if not isinstance(p, torch.Tensor):  # torch accepts (name, tensor) pairs
                 p = p[1] if isinstance(p, tuple) and len(p) == 2 else p
-            tt.check_tensor(param_name(gi, j), p)
+            tt.check_tensor(param_name(gi, j), p, dtypes=tuple(lp.PARAM_KINDS))
             if torch.is_complex(p):
                 raise TypeError(f"{param_name(gi, j)} is complex; optcore updates real tensors")
         hyper = dict(self.defaults, **{k: v for k, v in param_group.items() if k != "params"})
@@ -205,6 +311,71 @@ class _Optimizer(torch.optim.Optimizer):
 
     def _init_state(self, group):
         """State a rule creates at construction (Adagrad); none by default."""
+
+    def zero_grad(self, set_to_none=True):
+        """:meth:`torch.optim.Optimizer.zero_grad`; with ``model_copy`` it resets the model
+        copies' gradients (those the step reads) too."""
+        super().zero_grad(set_to_none)
+        for c in () if self._copies is None else (c for cs in self._copies for c in cs):
+            if c.grad is not None:
+                if set_to_none:
+                    c.grad = None
+                else:
+                    c.grad.zero_()
+
+    def load_state_dict(self, state_dict):
+        """Load a state saved by this class or by ``torch.optim`` (as
+        :meth:`torch.optim.Optimizer.load_state_dict`), then store every state buffer in this
+        optimizer's format: float32 state is quantized (8-bit) or rounded to nearest
+        (bfloat16), low-precision state is dequantized, through the kernels' own conversions.
+        torch would cast each state tensor to its parameter's dtype; the saved tensors are
+        taken as they were instead (8-bit codes and scales are not floating-point values)."""
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        where = [(gi, j, p) for gi, g in enumerate(self.param_groups)
+                 for j, p in enumerate(g["params"])]
+        # check every saved state buffer before anything is loaded
+        loaded = [(gi, j, p, saved[k]) for k, (gi, j, p) in zip(ids, where) if k in saved]
+        for gi, j, p, st in loaded:
+            for s in self._buffer_keys(st):
+                name = f"state {s!r} of {param_name(gi, j)}"
+                t = tt.check_tensor(name, st[s], dtypes=lp.STATE_DTYPES)
+                if t.shape != p.shape:
+                    raise ValueError(f"{name} has shape {tuple(t.shape)}, the parameter "
+                                     f"{tuple(p.shape)}")
+                if lp.stored_kind(s, t) in lp.Q8:
+                    lp.check_absmax(name, st, s, p)
+        super().load_state_dict(state_dict)
+        for gi, j, p, saved_st in loaded:
+            st = {key: (v.to(device=p.device) if isinstance(v, torch.Tensor)
+                        and key not in self._scalar_keys else self.state[p][key])
+                  for key, v in saved_st.items()}
+            for s in self._buffer_keys(st):
+                kind = self._state_kinds([p], s)[0]
+                if lp.stored_kind(s, st[s]) != kind or st[s].stride() != p.stride():
+                    lp.convert(st, s, p, kind)
+            if st.get(KAHAN) is not None:
+                st[KAHAN] = st[KAHAN].to(dtype=p.dtype)
+            self.state[p] = st
+
+    def _buffer_keys(self, st):
+        """The keys of the state buffers (parameter-shaped, in a state format) of ``st``."""
+        return [k for k, v in st.items() if isinstance(v, torch.Tensor) and k != KAHAN
+                and k not in self._scalar_keys and not k.endswith(lp.ABSMAX)]
+
+    @property
+    def state_nbytes(self):
+        """Bytes of the per-parameter state tensors held (state buffers, 8-bit scales, Kahan
+        buffers; not the 0-d ``step`` scalars)."""
+        return sum(v.numel() * v.element_size() for st in self.state.values()
+                   for v in st.values() if isinstance(v, torch.Tensor) and v.dim())
+
+    @property
+    def state_bytes_per_param(self):
+        """:attr:`state_nbytes` per parameter element (float32 Adam: 8; bfloat16 state: 4;
+        8-bit Adam: 2 + 8/256)."""
+        n = sum(p.numel() for g in self.param_groups for p in g["params"])
+        return self.state_nbytes / n if n else 0.0
 
     # -- hyper-parameters -----------------------------------------------------------------
 
@@ -235,12 +406,20 @@ class _Optimizer(torch.optim.Optimizer):
     def _keeps_state(self, state_names):
         return True
 
+    def _state_kinds(self, params, s):
+        """The kernel format of state buffer ``s`` of each of ``params`` (uint8 array)."""
+        return lp.state_kinds(self.state_dtype, params, s, self.min_8bit_size)
+
+    def _state_entries(self, p, s, value):
+        """State buffer ``s`` of parameter ``p`` filled with ``value``, in its format."""
+        return lp.filled(p, self._state_kinds([p], s)[0], value, s)
+
     def _new_state(self, p, group, state_names):
         """torch's initial state of parameter ``p`` (its lazy ``len(state) == 0`` branch)."""
         st = {"step": torch.tensor(0.0, dtype=torch.float32)}
         for s in state_names:
             if s is not None:
-                st[s] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st.update(self._state_entries(p, s, 0.0))
         return st
 
     def _part_key(self, st):
@@ -275,13 +454,20 @@ class _Optimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             h = self._checked_hyper(group, f"param_groups[{gi}]")
             names = [s for s in self.rule.state_names(h)]
-            grads = list(map(_grad, group["params"]))
+            copies = None if self._copies is None else self._copies[gi]
+            if copies is not None:
+                for j, p in enumerate(group["params"]):
+                    if p.grad is not None:
+                        raise ValueError(f"{param_name(gi, j)} has its own .grad: with "
+                                         "model_copy the gradient is read from the model "
+                                         "copy's .grad")
+            grads = list(map(_grad, group["params"] if copies is None else copies))
             plan = self._plans[gi]
             pending = None
             if plan is not None:
                 pending = plan.refresh(grads) if plan.current(group, grads, names) else False
             if plan is None or pending is False:
-                plan = Plan(self, gi, group, grads, names)
+                plan = Plan(self, gi, group, grads, names, copies)
                 pending = None
             work.append((plan, pending, h))
         for gi, (plan, pending, _) in enumerate(work):
@@ -321,12 +507,18 @@ class _Optimizer(torch.optim.Optimizer):
                                       grad_scale=d.scale, tensor_scale=d.tensor_scale[k],
                                       clamp=d.clamp)
                 step, scalars = self._step_args(part.key)
+                sr_step = int(part.key[0]) + 1 if "step" in self._scalar_keys else self._sr_steps + 1
+                go.set_rounding(self.seed + _GROUP_SEED * plan.gi, sr_step,
+                                self.rounding == "stochastic")
                 self.rule.run(part.table if part.units is None else part.units, go, h, step,
                               scalars)
                 part.next_key = self._next_key(part.key, scalars)
                 k += 1
             plan.advance(self)
             _increment_version(plan.params)
+            if plan.copies is not None:
+                _increment_version(plan.copies)
+        self._sr_steps += 1
         return StepResult(d.grad_norm, d.clip_factor, False, loss_scale, True)
 
     def _skipped(self, loss_scale):
@@ -366,14 +558,18 @@ class SGD(_Optimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
                  *, maximize=False, foreach=None, differentiable=False, fused=None, clip=None,
-                 nonfinite="propagate"):
+                 nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach,
                         differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation), model_copy)
 
     def _keeps_state(self, state_names):
-        return bool(state_names)
+        return bool(state_names) or self.compensation
 
     def _new_state(self, p, group, state_names):
         return {}
@@ -407,16 +603,19 @@ class Adagrad(_Optimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
-                 clip=None, nonfinite="propagate"):
+                 clip=None, nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation), model_copy)
 
     def _new_state(self, p, group, state_names):
-        v = group["initial_accumulator_value"]
         return {"step": torch.tensor(0.0, dtype=torch.float32),
-                "sum": torch.full_like(p, v, memory_format=torch.preserve_format)}
+                **self._state_entries(p, "sum", group["initial_accumulator_value"])}
 
     def _init_state(self, group):
         for p in group["params"]:
@@ -446,11 +645,15 @@ class RMSprop(_Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, *, clip=None, nonfinite="propagate"):
+                 differentiable=False, *, clip=None, nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                         maximize=maximize, differentiable=differentiable)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation), model_copy)
 
 
 class Adam(_Optimizer):
@@ -479,12 +682,16 @@ class Adam(_Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False, clip=None,
-                 nonfinite="propagate"):
+                 nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation), model_copy)
 
 
 class AdamW(_Optimizer):
@@ -498,11 +705,15 @@ class AdamW(_Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, clip=None, nonfinite="propagate"):
+                 differentiable=False, fused=None, clip=None, nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation), model_copy)
 
 
 class Adamax(_Optimizer):
@@ -522,10 +733,14 @@ class Adamax(_Optimizer):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
-                 clip=None, nonfinite="propagate"):
+                 clip=None, nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize, differentiable=differentiable, capturable=capturable)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation), model_copy)
 
 
 class NAdam(_Optimizer):
@@ -553,12 +768,16 @@ class NAdam(_Optimizer):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, clip=None,
-                 nonfinite="propagate"):
+                 nonfinite="propagate", state_dtype=None,
+                 min_8bit_size=_lowp.MIN_8BIT_SIZE, seed=0, rounding=None, compensation=False,
+                 model_copy=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         momentum_decay=momentum_decay,
                         decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable)
-        super().__init__(params, defaults, clip, nonfinite)
+        super().__init__(params, defaults, clip, nonfinite, dict(
+            state_dtype=state_dtype, min_8bit_size=min_8bit_size, seed=seed, rounding=rounding,
+            compensation=compensation), model_copy)
 
     def _new_state(self, p, group, state_names):
         st = super()._new_state(p, group, state_names)
@@ -573,3 +792,24 @@ class NAdam(_Optimizer):
 
     def _next_key(self, key, scalars):
         return (key[0] + 1.0, scalars["mu_product"])
+
+
+class Adam8bit(Adam):
+    r"""Adam with 8-bit block-wise quantized state (Dettmers et al. 2022), the name of
+    bitsandbytes' ``bnb.optim.Adam8bit``: :class:`Adam` with ``state_dtype="int8"`` by
+    default. ``exp_avg`` and ``exp_avg_sq`` are ``torch.uint8`` codes (the signed and unsigned
+    dynamic codes) with a float32 ``exp_avg_absmax`` / ``exp_avg_sq_absmax`` per block of 256
+    elements of the parameter's memory order, about 2 bytes of state per element instead of
+    8; tensors below ``min_8bit_size`` (4096) elements keep float32 state. See
+    :doc:`/low_precision`.
+    """
+
+    _default_state_dtype = "int8"
+
+
+class AdamW8bit(AdamW):
+    r"""AdamW with 8-bit block-wise quantized state, the name of bitsandbytes'
+    ``bnb.optim.AdamW8bit``: :class:`AdamW` with ``state_dtype="int8"`` by default (see
+    :class:`Adam8bit`)."""
+
+    _default_state_dtype = "int8"
