@@ -333,7 +333,7 @@ def _bad_cases():
     def dtype64(ps):
         ps[2] = torch.nn.Parameter(ps[2].detach().double())
         ps[2].grad = torch.ones_like(ps[2])
-        return TypeError, r"parameters\[2\]\.grad must have dtype torch.float32"
+        return TypeError, r"parameters\[2\]\.grad must have dtype torch.float32, torch.bfloat16, torch.float16"
 
     def sparse(ps):
         p = torch.nn.Parameter(torch.zeros(4, 4))
@@ -378,7 +378,7 @@ def test_get_total_norm_names_the_tensor_and_allows_shared_memory():
     buf = torch.ones(20)
     assert ot.get_total_norm([buf[:10], buf[5:15]], 1.0).item() == 20.0
     with pytest.raises(TypeError, match=r"tensors\[1\] must have dtype"):
-        ot.get_total_norm([torch.ones(3), torch.ones(3, dtype=torch.float16)])
+        ot.get_total_norm([torch.ones(3), torch.ones(3, dtype=torch.float64)])
     with pytest.raises(TypeError, match="tensors must be a torch.Tensor|tensors\\[0\\] must be"):
         ot.get_total_norm([np.ones(3, np.float32)])
 
@@ -473,3 +473,83 @@ def test_zero_dim_and_empty_grads_match_torch():
     assert ours.item() == pytest.approx(theirs.item(), rel=REF_RTOL)
     for a, b in zip(grads_of(ps), grads_of(qs)):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=3e-7)
+
+
+# 16-bit gradients. optcore rounds its float64 norm once to the 16-bit dtype; torch rounds
+# each tensor's norm to it and then the norm of those: the two are within 2 units of the
+# dtype's last place (2 * 2^-8 relative for bfloat16, 2 * 2^-11 for float16).
+HALF_RTOL = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}
+
+
+def half_params(rng, dtypes, shapes=((300, 7), (40_000,), (5,))):
+    ps = []
+    for s, d in zip(shapes, dtypes):
+        p = torch.nn.Parameter(torch.zeros(s, dtype=d))
+        p.grad = torch.from_numpy((rng.standard_normal(s) * 0.05).astype(np.float32)).to(d)
+        ps.append(p)
+    return ps
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_16bit_grads_clip_grad_norm_against_torch_and_widened(rng, dtype, mixed):
+    dtypes = [dtype, torch.float32 if mixed else dtype, dtype]
+    ps = half_params(rng, dtypes)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for r, p in zip(ref, ps):
+        r.grad = p.grad.clone()
+    wide = [p.grad.float().clone() for p in ps]
+    got = ot.clip_grad_norm_(ps, 0.5)
+    want = tu.clip_grad_norm_(ref, 0.5)
+    assert got.dtype == want.dtype == (torch.float32 if mixed else dtype)
+    # the norm: of the exact float32 widening (float64 accumulation, one rounding)
+    exact = math.sqrt(sum(float((w.double() ** 2).sum()) for w in wide))
+    assert got.item() == torch.scalar_tensor(exact, dtype=got.dtype).item()
+    np.testing.assert_allclose(got.item(), want.item(), rtol=HALF_RTOL[dtype])
+    # the scaling: torch's factor from the returned norm, float32 product rounded to nearest
+    coef = torch.clamp(0.5 / (got + 1e-6), max=1.0).item()
+    for p, w in zip(ps, wide):
+        assert torch.equal(p.grad, (w * np.float32(coef)).to(p.grad.dtype))
+    # given the same norm, clip_grads_with_norm_ is bitwise torch's
+    ps2 = half_params(rng, dtypes)
+    ref2 = [torch.nn.Parameter(p.detach().clone()) for p in ps2]
+    for r, p in zip(ref2, ps2):
+        r.grad = p.grad.clone()
+    total = torch.tensor(3.0, dtype=got.dtype)
+    ot.clip_grads_with_norm_(ps2, 0.5, total)
+    tu.clip_grads_with_norm_(ref2, 0.5, total)
+    for p, r in zip(ps2, ref2):
+        assert torch.equal(p.grad, r.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_grads_clip_grad_value_and_total_norm_bitwise_torch(rng, dtype):
+    ps = half_params(rng, [dtype, torch.float32, dtype])
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for r, p in zip(ref, ps):
+        r.grad = p.grad.clone()
+    ps[1].grad[3] = float("nan")
+    ref[1].grad[3] = float("nan")
+    ot.clip_grad_value_(ps, 0.03)
+    tu.clip_grad_value_(ref, 0.03)
+    for p, r in zip(ps, ref):
+        assert torch.equal(p.grad.nan_to_num(7.0), r.grad.nan_to_num(7.0))
+    for p_norm in (1.0, INF, 3.0):
+        got = ot.get_total_norm([p.grad for p in ps[::2]], p_norm)
+        want = tu.get_total_norm([p.grad for p in ps[::2]], p_norm)
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_allclose(got.item(), want.item(), rtol=HALF_RTOL[dtype])
+
+
+def test_16bit_grads_bad_input_changes_nothing(rng):
+    ps = half_params(rng, [torch.bfloat16] * 3)
+    buf = torch.ones(20, dtype=torch.bfloat16)
+    a, b = torch.nn.Parameter(torch.zeros(10, dtype=torch.bfloat16)), torch.nn.Parameter(
+        torch.zeros(10, dtype=torch.bfloat16))
+    a.grad, b.grad = buf[:10], buf[5:15]
+    ps += [a, b]
+    before = [g.clone() for g in grads_of(ps)]
+    with pytest.raises(ValueError, match=r"parameters\[3\]\.grad and parameters\[4\]\.grad share memory"):
+        ot.clip_grad_norm_(ps, 1e-3)
+    for g, bf in zip(grads_of(ps), before):
+        assert torch.equal(g, bf)

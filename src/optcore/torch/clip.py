@@ -9,9 +9,14 @@ Differences from torch, all on purpose:
 
 - The norm is accumulated in float64 (torch sums each tensor in float32, then combines the
   per-tensor norms), so the two differ by float32 rounding, a few units in the last place.
-- Only dense float32 CPU tensors are accepted (contiguous, channels_last or any permutation
-  of dimensions); another dtype, a sparse or non-dense tensor, or two gradients that share
-  memory raise TypeError/ValueError naming the tensor, before anything is written. So does a
+- Only dense float32, bfloat16 or float16 CPU tensors are accepted (contiguous,
+  channels_last or any permutation of dimensions); another dtype, a sparse or non-dense
+  tensor, or two gradients that share memory raise TypeError/ValueError naming the tensor,
+  before anything is written. 16-bit gradients are read widened exactly to float32 (the
+  norm of a bfloat16 gradient is accumulated in float64 from its exact values, then rounded
+  once to the returned dtype, where torch rounds each tensor's norm first), and scaled or
+  clamped in float32 and rounded back to nearest even, as torch's own ``mul_`` and
+  ``clamp_`` on those dtypes do. So does a
   NaN or negative ``max_norm`` or ``clip_value``, or a NaN ``norm_type``, which torch would
   apply (scaling the gradients by a NaN or negative factor).
 - ``foreach`` is accepted and ignored: there is only one path.
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from optcore import _checks as ck
+from optcore import _lowp
 from optcore import clip as _clip
 from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
@@ -44,6 +50,9 @@ _is_contiguous = torch.Tensor.is_contiguous
 _increment_version = torch.autograd.graph.increment_version
 _F32 = torch.float32
 _STRIDED = torch.strided
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FORMAT = {torch.float32: _lowp.FORMATS["float32"], torch.bfloat16: _lowp.FORMATS["bfloat16"],
+           torch.float16: _lowp.FORMATS["float16"]}
 _CACHE_SIZE = 8
 
 
@@ -54,23 +63,31 @@ class _Table:
     strong reference to the gradients: a cached table never keeps freed gradient memory
     alive."""
 
-    __slots__ = ("ids", "ptrs", "table", "has_empty", "_dead", "_refs")
+    __slots__ = ("ids", "ptrs", "table", "has_empty", "dtype", "_dead", "_refs")
 
     def __init__(self, grads, writeable, label):
         n = len(grads)
+        half = False
         for i, g in enumerate(grads):
             # The common case in a few attribute reads; anything else gets the full check,
-            # which words the error (or accepts e.g. a channels_last gradient).
+            # which words the error (or accepts e.g. a channels_last or 16-bit gradient).
             if not (isinstance(g, torch.Tensor) and g.dtype is _F32 and g.layout is _STRIDED
                     and g.is_cpu and _is_contiguous(g)):
-                tt.check_tensor(label(i), g)
+                half |= tt.check_tensor(label(i), g, dtypes=_DTYPES).dtype is not _F32
         self.ids = list(map(id, grads))
         self.ptrs = list(map(_data_ptr, grads))
         lengths = np.fromiter(map(_numel, grads), dtype=np.int64, count=n)
         addr = np.array(self.ptrs, dtype=np.uint64)
+        kinds = np.fromiter((_FORMAT[g.dtype] for g in grads), np.uint8, n) if half else None
+        # the dtype of the total norm: the promotion of the gradients' dtypes, as torch's
+        self.dtype = _F32
+        if half:
+            dtypes = {g.dtype for g in grads}
+            self.dtype = dtypes.pop() if len(dtypes) == 1 else _F32
         if writeable:
+            nbytes = lengths * np.where(kinds == _FORMAT[_F32], 4, 2) if half else 4 * lengths
             try:
-                _clip._no_overlap(["grads"], [addr], [4 * lengths])
+                _clip._no_overlap(["grads"], [addr], [nbytes])
             except ValueError:
                 tt.no_overlap([label(i) for i in range(n)], grads)
                 raise
@@ -78,6 +95,8 @@ class _Table:
         # The table is used only while the caller holds ``grads``, proven to be these very
         # objects at these addresses (see ``matches``): it needs no reference of its own.
         self.table = TensorList.from_addresses(lengths, [addr], None)
+        if half:
+            self.table.set_slot_format(0, kinds)
         # One shared callback (a bound builtin): a lambda per tensor costs GC pauses of up to
         # ~0.1 s every few rebuilds in a process holding torch's many objects (measured).
         self._dead = []
@@ -189,11 +208,11 @@ def _nonfinite_error(p):
 
 
 def _norm(grads, label, p, error_if_nonfinite, writeable):
-    """(total norm as a 0-d float32 tensor, table entry or None)."""
+    """(total norm as a 0-d tensor of the gradients' promoted dtype, table entry or None)."""
     if not grads:
         return torch.scalar_tensor(0.0), None
     entry = _table(grads, writeable, label)
-    total = torch.scalar_tensor(_total(entry, p), dtype=_F32)
+    total = torch.scalar_tensor(_total(entry, p), dtype=entry.dtype)
     if error_if_nonfinite and not math.isfinite(total.item()):
         raise _nonfinite_error(p)
     return total, entry
@@ -222,7 +241,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     Parameters
     ----------
     tensors : Tensor or iterable of Tensor
-        Dense float32 CPU tensors (read only); usually gradients.
+        Dense float32, bfloat16 or float16 CPU tensors (read only); usually gradients.
     norm_type : float or 'inf'
         :math:`p`, any real number or ``inf``/``-inf`` (not NaN).
     error_if_nonfinite : bool
@@ -233,14 +252,15 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     Returns
     -------
     Tensor
-        A 0-d float32 tensor. Accumulated in float64: within a few float32 units in the last
-        place of torch's result (which sums in float32), and bitwise the same for any number
-        of threads.
+        A 0-d tensor of the tensors' promoted dtype (float32; bfloat16 or float16 when all
+        are), as torch's. Accumulated in float64: within a few units in the last place of
+        torch's result (which sums in float32), and bitwise the same for any number of
+        threads.
 
     Raises
     ------
     TypeError, ValueError
-        A tensor that is not dense float32 on the CPU (named ``tensors[i]``), a NaN
+        A tensor that is not a dense float32, bfloat16 or float16 CPU tensor (named ``tensors[i]``), a NaN
         ``norm_type``.
     RuntimeError
         An empty tensor with :math:`p < 0` or :math:`p = \infty`, as torch.
@@ -279,7 +299,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
     Parameters
     ----------
     parameters : Tensor or iterable of Tensor
-        Tensors whose ``.grad`` (dense float32 CPU, not sharing memory) is scaled; those whose
+        Tensors whose ``.grad`` (dense float32, bfloat16 or float16 CPU, not sharing memory) is scaled; those whose
         grad is None are skipped.
     max_norm : float
         :math:`c \ge 0` (NaN or negative raises ValueError).
@@ -320,7 +340,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     Parameters
     ----------
     parameters : Tensor or iterable of Tensor
-        Tensors whose ``.grad`` is clipped (dense float32 CPU, not sharing memory); grads that
+        Tensors whose ``.grad`` is clipped (dense float32, bfloat16 or float16 CPU, not sharing memory); grads that
         are None are skipped. An empty generator warns, as torch.
     max_norm : float
         :math:`c \ge 0` (NaN or negative raises ValueError before anything is written).
@@ -335,13 +355,14 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     Returns
     -------
     Tensor
-        The total norm before clipping, a 0-d float32 tensor (accumulated in float64; see
-        :func:`get_total_norm`).
+        The total norm before clipping, a 0-d tensor (float32, or the gradients' 16-bit
+        dtype when all share it; accumulated in float64; see :func:`get_total_norm`).
 
     Notes
     -----
-    The factor is torch's, computed from the returned float32 norm with torch's arithmetic;
-    the scaling is the same float32 product as torch's ``mul_``. Results are bitwise the same
+    The factor is torch's, computed from the returned norm with torch's arithmetic; the
+    scaling is the same float32 product as torch's ``mul_`` (rounded back to nearest even
+    for 16-bit gradients). Results are bitwise the same
     for 1 or N threads. The table of gradient addresses is cached while the same gradient
     objects stay at the same addresses (``zero_grad(set_to_none=False)``, or gradients
     written in place); new gradients (``set_to_none=True``) are checked and tabled afresh.
@@ -382,7 +403,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     Parameters
     ----------
     parameters : Tensor or iterable of Tensor
-        Tensors whose ``.grad`` (dense float32 CPU, not sharing memory) is clamped; grads that
+        Tensors whose ``.grad`` (dense float32, bfloat16 or float16 CPU, not sharing memory) is clamped; grads that
         are None are skipped.
     clip_value : float
         :math:`\ell \ge 0` (NaN or negative raises ValueError before anything is written).
