@@ -23,6 +23,8 @@ BYTES = {"torch-fused-fp32": 28, "torch-fused-bf16": 14, "optcore-float32": 28,
 
 
 def _stepper(impl, n):
+    if impl in ("optcore-bf16-params", "optcore-master-bf16"):
+        return _param_stepper(impl, n)
     if impl.startswith("torch"):
         torch = ob.torch_available()
         if torch is None:
@@ -58,17 +60,16 @@ def test_adam_lowp(benchmark, size, impl):
 
 # -- 16-bit parameters and gradients, master weights with a model copy ----------------------
 # ``optcore-bf16-params``: bf16 params and grads, bf16 state, stochastic rounding (2 + 2 + 2
-# bytes read, 2 + 2 + 2 written: 14 B/element, torch fused on bf16 params moves the same);
+# bytes read, 2 + 2 + 2 written: 14 B/element, as torch fused on bf16 params);
 # ``optcore-master-bf16``: float32 params and state, bf16 grads, a bf16 model copy written in
-# the same sweep (8 + 2 + 16 + 2 = 28 B/element, as the plain float32 step).
-PARAM_IMPLS = ["torch-fused-fp32", "torch-fused-bf16", "optcore-float32", "optcore-bf16-params",
-               "optcore-master-bf16"]
-PARAM_BYTES = dict(BYTES, **{"optcore-bf16-params": 14, "optcore-master-bf16": 28})
+# the same sweep (8 + 2 + 16 + 2 = 28 B/element, as the plain float32 step). Appended to the
+# list test_adam_lowp is parametrized over (collection reads it after the module ran), so
+# they run side by side with the others.
+IMPLS.extend(["optcore-bf16-params", "optcore-master-bf16"])
+BYTES.update({"optcore-bf16-params": 14, "optcore-master-bf16": 28})
 
 
 def _param_stepper(impl, n):
-    if impl not in ("optcore-bf16-params", "optcore-master-bf16"):
-        return _stepper(impl, n)
     import ml_dtypes
 
     rng = np.random.default_rng(0)
@@ -79,23 +80,3 @@ def _param_stepper(impl, n):
                             state_dtype="bfloat16").step
     copy = np.empty(n, ml_dtypes.bfloat16)
     return optcore.Adam([(p, g)], lr=1e-3, model_copy=[copy]).step
-
-
-@pytest.mark.parametrize("impl", PARAM_IMPLS)
-@pytest.mark.parametrize("size", list(SIZES))
-def test_adam_lowp_params(benchmark, size, impl):
-    n = min(SIZES[size], SMOKE_MAX_ELEMENTS) if SMOKE else SIZES[size]
-    step = _param_stepper(impl, n)
-    torch = ob.torch_available()
-    optcore.set_num_threads(2)
-    before = torch.get_num_threads() if torch is not None else None
-    if torch is not None:
-        torch.set_num_threads(2)
-    try:
-        benchmark.extra_info.update(elements=n, bytes=PARAM_BYTES[impl] * n, pattern="adam",
-                                    threads=2)
-        benchmark.pedantic(step, rounds=3 if SMOKE else 10, iterations=1, warmup_rounds=1)
-    finally:
-        optcore.set_num_threads(None)
-        if torch is not None:
-            torch.set_num_threads(before)

@@ -533,3 +533,16 @@ def test_model_copy_with_a_parameters_arena():
     for n in ("w", "b"):
         np.testing.assert_array_equal(copies[n].view(np.uint16),
                                       rne(params[n], copies[n].dtype).view(np.uint16))
+
+
+def test_rounding_is_accepted_and_ignored_for_float32_params():
+    """``rounding=`` applies to 16-bit parameters only: with float32 ones either value gives
+    the default step bitwise."""
+    out = []
+    for rounding in (None, "nearest", "stochastic"):
+        p = np.linspace(-1, 1, 50000).astype(F32)
+        g = np.cos(3 * p).astype(BF16)
+        optcore.Adam([(p, g)], lr=0.01, rounding=rounding).step()
+        out.append(p)
+    np.testing.assert_array_equal(out[0], out[1])
+    np.testing.assert_array_equal(out[0], out[2])

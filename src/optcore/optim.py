@@ -332,15 +332,15 @@ class Optimizer:
         self.rule.check(self.defaults)
         self.parameters = params if isinstance(params, Parameters) else None
         specs = self._group_specs(params, groups)
-        half = {kind: [f"group {i} {kind} {n}" for i, (_, names, ps, gs) in enumerate(specs)
-                       for n, a in zip(names, ps if kind == "param" else gs)
-                       if a.dtype != np.float32] for kind in ("param", "grad")}
-        self.rounding, self.compensation = _lowp.check_rounding(rounding, compensation,
-                                                                bool(half["param"]))
-        first_half = (half["param"] + half["grad"] + [None])[0]
-        if first_half is not None and isinstance(clip, _clip.Adaptive):
+        # the 16-bit arrays, params first: [(label, is_param)]
+        half = [(f"group {i} {kind} {n}", kind == "param") for kind in ("param", "grad")
+                for i, (_, names, ps, gs) in enumerate(specs)
+                for n, a in zip(names, ps if kind == "param" else gs) if a.dtype != np.float32]
+        self.rounding, self.compensation = _lowp.check_rounding(
+            rounding, compensation, any(is_param for _, is_param in half))
+        if half and isinstance(clip, _clip.Adaptive):
             raise ValueError(f"Adaptive clipping needs float32 parameters and gradients; "
-                             f"{first_half} is 16-bit")
+                             f"{half[0][0]} is 16-bit")
         copies = self._checked_copies(model_copy, specs)
         seen = {}
         for i, (_, names, ps, gs) in enumerate(specs):

@@ -47,7 +47,8 @@ typedef struct {
 
 /* A table of tensors: slot s of tensor t starts at slots[s][t] and holds lengths[t] elements.
  * Chunk c covers elements [chunk_start[c], min(chunk_start[c] + OC_CHUNK, lengths[t])) of
- * tensor t = chunk_tensor[c]. A slot pointer table may be NULL (an unused optional buffer).
+ * tensor t = chunk_tensor[c]. A slot pointer table may be NULL (an unused optional buffer), and
+ * so may one tensor's entry of the update kernels' slots 6 and 7 (no buffer for that tensor).
  * Elements are float32 unless kinds[s] is set: then kinds[s][t] is the format of slot s of
  * tensor t (see oc_lowp.h; only the update kernels read other formats) and, for 8-bit
  * formats, absmax[s][t] holds its per-block scales. */
@@ -84,6 +85,7 @@ static inline void oc_prefetch_next(const oc_list *L, int64_t c) {
     for (int s = 0; s < OC_MAX_SLOTS; s++) {
         if (L->slots[s] == NULL) continue;
         const char *x = (const char *)L->slots[s][t];
+        if (x == NULL) continue;  /* no buffer in this slot for this tensor */
         for (int k = 0; k < 8; k++) __builtin_prefetch(x + 64 * k);
     }
 }
