@@ -87,17 +87,19 @@ static inline __attribute__((always_inline)) float oc_bf16_to_f32(uint16_t b) {
     return oc_float((uint32_t)b << 16);
 }
 
+/* The select on NaN (kept a quiet NaN) is taken on the 32-bit word before the one shift and
+ * narrowing, so that the vectorized loop narrows once. */
 static inline __attribute__((always_inline)) uint16_t oc_f32_to_bf16_rne(float x) {
-    uint32_t u = oc_bits(x);
-    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)(x != x ? ((u >> 16) | 0x40u) : r);
+    const uint32_t u = oc_bits(x);
+    const uint32_t w = x != x ? (u | 0x400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(w >> 16);
 }
 
 /* Stochastic rounding with 16 random bits r: rounds up with probability (x - down) / ulp. */
 static inline __attribute__((always_inline)) uint16_t oc_f32_to_bf16_sr(float x, uint32_t r) {
-    uint32_t u = oc_bits(x);
-    uint32_t s = (u + (r & 0xffffu)) >> 16;
-    return (uint16_t)(x != x ? ((u >> 16) | 0x40u) : s);
+    const uint32_t u = oc_bits(x);
+    const uint32_t w = x != x ? (u | 0x400000u) : u + (r & 0xffffu);
+    return (uint16_t)(w >> 16);
 }
 
 static inline __attribute__((always_inline)) void
@@ -110,12 +112,20 @@ oc_bf16_store_rne(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64
     for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_bf16_rne(src[i]);
 }
 
-/* `base` keys the tensor's slot, `first` is the index of src[0] in the tensor. */
+/* The random words of elements [first, first + n) of a stream keyed by `base`: r[i] =
+ * oc_mix32(base + first + i). A 32-bit counter, so that the loop vectorizes without 64-bit
+ * lanes (n <= OC_TILE). */
+static inline __attribute__((always_inline)) void
+oc_rand_fill(uint32_t *OC_RESTRICT r, uint32_t base, int64_t first, int64_t n) {
+    const uint32_t b = base + (uint32_t)first, m = (uint32_t)n;
+    for (uint32_t i = 0; i < m; i++) r[i] = oc_mix32(b + i);
+}
+
+/* Stochastic rounding with the 16 bits (r[i] >> shift) & 0xffff of each random word. */
 static inline __attribute__((always_inline)) void
 oc_bf16_store_sr(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64_t n,
-                 uint32_t base, int64_t first) {
-    const uint32_t b = base + (uint32_t)first;
-    for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_bf16_sr(src[i], oc_mix32(b + (uint32_t)i));
+                 const uint32_t *OC_RESTRICT r, int shift) {
+    for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_bf16_sr(src[i], r[i] >> shift);
 }
 
 /* ---- float16 ----------------------------------------------------------------------------- */
@@ -180,9 +190,8 @@ oc_f16_store_rne(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64_
 
 static inline __attribute__((always_inline)) void
 oc_f16_store_sr(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64_t n,
-                uint32_t base, int64_t first) {
-    const uint32_t b = base + (uint32_t)first;
-    for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_f16_sr(src[i], oc_mix32(b + (uint32_t)i));
+                const uint32_t *OC_RESTRICT r, int shift) {
+    for (int64_t i = 0; i < n; i++) dst[i] = oc_f32_to_f16_sr(src[i], r[i] >> shift);
 }
 
 /* ---- 8-bit dynamic code ------------------------------------------------------------------ */
@@ -322,17 +331,23 @@ oc_lp_load(float *OC_RESTRICT dst, const oc_lp_slot *s, int64_t off, int64_t n) 
     }
 }
 
-/* `first` is the index in the tensor of element `off` of the slot (for the random bits). */
+static inline __attribute__((always_inline)) int oc_kind_half(int kind) {
+    return kind == OC_BF16 || kind == OC_F16;
+}
+
+/* Store n float32 values into a slot from its element `off`. The 16-bit formats round
+ * stochastically with bits shift..shift+15 of the random words r[0..n), or to nearest when r
+ * is NULL; 8-bit formats requantize per block. */
 static inline __attribute__((always_inline)) void
 oc_lp_store(const oc_lp_slot *s, const float *OC_RESTRICT src, int64_t off, int64_t n,
-            int stochastic, int64_t first) {
+            const uint32_t *OC_RESTRICT r, int shift) {
     if (s->kind == OC_BF16) {
         uint16_t *d = (uint16_t *)s->data + off;
-        if (stochastic) oc_bf16_store_sr(d, src, n, s->base, first);
+        if (r != NULL) oc_bf16_store_sr(d, src, n, r, shift);
         else oc_bf16_store_rne(d, src, n);
     } else if (s->kind == OC_F16) {
         uint16_t *d = (uint16_t *)s->data + off;
-        if (stochastic) oc_f16_store_sr(d, src, n, s->base, first);
+        if (r != NULL) oc_f16_store_sr(d, src, n, r, shift);
         else oc_f16_store_rne(d, src, n);
     } else {
         for (int64_t b = 0; b < n; b += OC_Q8_BLOCK) {
@@ -342,6 +357,20 @@ oc_lp_store(const oc_lp_slot *s, const float *OC_RESTRICT src, int64_t off, int6
             if (s->kind == OC_Q8S) oc_q8_block_store(q, am, src + b, m, 1);
             else oc_q8_block_store(q, am, src + b, m, 0);
         }
+    }
+}
+
+/* Store a 16-bit slot with stochastic rounding from its own stream: element k of the tensor
+ * draws the low 16 bits of oc_mix32(s->base + k); `first` is the tensor index of element
+ * `off`. */
+static inline __attribute__((always_inline)) void
+oc_lp_store_sr(const oc_lp_slot *s, const float *OC_RESTRICT src, int64_t off, int64_t n,
+               int64_t first) {
+    uint32_t r[OC_TILE] __attribute__((aligned(64)));
+    for (int64_t t = 0; t < n; t += OC_TILE) {
+        const int64_t m = n - t < OC_TILE ? n - t : OC_TILE;
+        oc_rand_fill(r, s->base, first + t, m);
+        oc_lp_store(s, src + t, off + t, m, r, 0);
     }
 }
 

@@ -249,13 +249,12 @@ static inline void oc_lp_slots(const oc_list *L, int64_t c, uint32_t key, oc_lp_
         o->data = NULL;
         o->absmax = NULL;
         o->kind = OC_F32;
-        o->base = 0;
+        o->base = oc_rng_base(key, t, s);
         if (L->slots[s] == NULL) continue;
         o->kind = L->kinds[s] != NULL ? L->kinds[s][t] : OC_F32;
         const int64_t size = o->kind == OC_F32 ? 4 : (o->kind == OC_BF16 || o->kind == OC_F16 ? 2 : 1);
         o->data = (char *)L->slots[s][t] + start * size;
         if (o->kind == OC_Q8S || o->kind == OC_Q8U) o->absmax = L->absmax[s][t] + start / OC_Q8_BLOCK;
-        o->base = oc_rng_base(key, t, s);
     }
 }
 
@@ -310,8 +309,10 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
         float graw[OC_TILE] __attribute__((aligned(64)));                                    \
         float pbuf[OC_TILE] __attribute__((aligned(64)));                                    \
         float sbuf[3][OC_TILE] __attribute__((aligned(64)));                                 \
+        uint32_t rnd[OC_TILE] __attribute__((aligned(64)));                                  \
         oc_lp_slot S[OC_MAX_SLOTS];                                                          \
         oc_lp_slots(L, c, o->rng_key, S);                                                    \
+        const int pair_sr = oc_kind_half(S[3].kind) || oc_kind_half(S[4].kind);              \
         const int64_t n = oc_chunk_len(L, c), start = L->chunk_start[c];                     \
         float s = o->scale;                                                                   \
         if (o->tensor_scale != NULL) s = s * o->tensor_scale[L->chunk_tensor[c]];            \
@@ -336,14 +337,19 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
             float *t3 = oc_lp_tile(&S[5], sbuf[2], i, m);                                     \
             TILE(h, g, pt, t1, t2, t3, m);                                                    \
             oc_l1_tile(pt, m, o->l1_thresh);                                                  \
-            for (int k = 0; k < 3; k++)                                                       \
+            if (pair_sr) oc_rand_fill(rnd, S[3].base, start + i, m);                         \
+            for (int k = 0; k < 2; k++)                                                       \
                 if (S[3 + k].data != NULL && S[3 + k].kind != OC_F32)                         \
-                    oc_lp_store(&S[3 + k], sbuf[k], i, m, 1, start + i);                      \
+                    oc_lp_store(&S[3 + k], sbuf[k], i, m, rnd, 16 * k);                       \
+            if (S[5].data != NULL && S[5].kind != OC_F32)                                     \
+                oc_lp_store_sr(&S[5], sbuf[2], i, m, start + i);                              \
             if (K->data != NULL)                                                              \
                 oc_kahan_store((uint16_t *)P->data + i, (uint16_t *)K->data + i, pbuf, m);   \
+            else if (P->kind != OC_F32 && o->param_sr)                                        \
+                oc_lp_store_sr(P, pbuf, i, m, start + i);                                     \
             else if (P->kind != OC_F32)                                                       \
-                oc_lp_store(P, pbuf, i, m, o->param_sr, start + i);                           \
-            if (MC->data != NULL) oc_lp_store(MC, pt, i, m, 0, start + i);                   \
+                oc_lp_store(P, pbuf, i, m, NULL, 0);                                          \
+            if (MC->data != NULL) oc_lp_store(MC, pt, i, m, NULL, 0);                        \
         }                                                                                     \
     }                                                                                         \
     OC_CLONES static void NAME(const oc_list *L, const oc_gradopts *o, const H_T *h,         \
