@@ -244,23 +244,48 @@ static inline void oc_q8_init(void) {
     oc_q8_init_one(&oc_q8_codes[1], 1);
 }
 
+/* The code u = K + j (0..K_max - 1 of the magnitude, before sign and specials) of a = |x| /
+ * absmax: the level's multiplier and size picked by six compares with the bounds between
+ * levels, then j = floor(a mul - K / 9) clamped into the level. Below `lo`: 0. */
+typedef struct {
+    float b1, b2, b3, b4, b5, b6, m0, m1, m2, m3, m4, m5, m6, k0, k1, k2, k3, k4, k5, k6, lo, hi;
+} oc_q8_enc;
+
+static inline oc_q8_enc oc_q8_enc_of(const oc_q8_code *q) {
+    oc_q8_enc e;
+    e.b1 = q->bound[1]; e.b2 = q->bound[2]; e.b3 = q->bound[3];
+    e.b4 = q->bound[4]; e.b5 = q->bound[5]; e.b6 = q->bound[6];
+    e.m0 = q->mul[0]; e.m1 = q->mul[1]; e.m2 = q->mul[2]; e.m3 = q->mul[3];
+    e.m4 = q->mul[4]; e.m5 = q->mul[5]; e.m6 = q->mul[6];
+    e.k0 = (float)q->k[0]; e.k1 = (float)q->k[1]; e.k2 = (float)q->k[2]; e.k3 = (float)q->k[3];
+    e.k4 = (float)q->k[4]; e.k5 = (float)q->k[5]; e.k6 = (float)q->k[6];
+    e.lo = q->lo;
+    e.hi = q->hi;
+    return e;
+}
+
+static inline __attribute__((always_inline)) int32_t oc_q8_level_code(float a, const oc_q8_enc *e) {
+    float m = e->m0, k = e->k0;
+#define OC_Q8_LEVEL(l) { const int up = a >= e->b##l; m = up ? e->m##l : m; k = up ? e->k##l : k; }
+    OC_Q8_LEVEL(1) OC_Q8_LEVEL(2) OC_Q8_LEVEL(3) OC_Q8_LEVEL(4) OC_Q8_LEVEL(5) OC_Q8_LEVEL(6)
+#undef OC_Q8_LEVEL
+    float t = a * m - k * (1.0f / 9.0f);  /* j = floor(K (a / s - 0.1) / 0.9) = floor(a mul - K / 9) */
+    t = t > 0.0f ? t : 0.0f;                 /* NaN -> 0 */
+    t = t < k - 1.0f ? t : k - 1.0f;
+    return (int32_t)(k + t);                 /* k + floor(t): t >= 0 truncates down */
+}
+
 /* Quantize n <= OC_Q8_BLOCK values into one block: absmax, then one byte per value, the
- * nearest code of a = |x| / absmax: the level from comparisons with the bounds between levels,
- * j by one multiply inside the level's grid. A block holding a NaN gets a NaN absmax (every
- * value reads back NaN, as float32 state would propagate it); an all-zero block gets absmax 0
- * and reads back zeros. */
+ * nearest code of a = |x| / absmax (oc_q8_level_code). A block holding a NaN gets a NaN absmax
+ * (every value reads back NaN, as float32 state would propagate it); an all-zero block gets
+ * absmax 0 and reads back zeros. Codes are computed as int32 in one loop and narrowed to
+ * bytes in a second, so that the first vectorizes at full width (no byte lanes inside it),
+ * with the signed and unsigned codes as separate loops. */
 static inline __attribute__((always_inline)) void
 oc_q8_block_store(uint8_t *OC_RESTRICT dst, float *OC_RESTRICT absmax,
                   const float *OC_RESTRICT src, int64_t n, int is_signed) {
-    const oc_q8_code *q = &oc_q8_codes[is_signed];
-    float bound[OC_Q8_LEVELS], mul[OC_Q8_LEVELS], kf[OC_Q8_LEVELS];
-    for (int i = 0; i < OC_Q8_LEVELS; i++) {
-        bound[i] = q->bound[i];
-        mul[i] = q->mul[i];
-        kf[i] = (float)q->k[i];
-    }
-    const float ninth = 1.0f / 9.0f;  /* j = floor(K (a / s - 0.1) / 0.9) = floor(a mul - K / 9) */
-    const float lo = q->lo, hi = q->hi;
+    const oc_q8_enc e = oc_q8_enc_of(&oc_q8_codes[is_signed]);
+    int32_t code[OC_Q8_BLOCK] __attribute__((aligned(64)));
     /* |x| as bits: unsigned order is float order, and NaN sorts above inf */
     uint32_t mb = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -270,30 +295,26 @@ oc_q8_block_store(uint8_t *OC_RESTRICT dst, float *OC_RESTRICT absmax,
     const float mx = oc_float(mb);
     *absmax = mx;
     const float inv = mx > 0.0f ? 1.0f / mx : 0.0f;
-    /* written with selects and integer masks only, so that it vectorizes */
-    for (int64_t i = 0; i < n; i++) {
-        const float a = fabsf(src[i]) * inv;
-        float m = mul[0], k = kf[0];
-#define OC_Q8_LEVEL(l) m = a >= bound[l] ? mul[l] : m; k = a >= bound[l] ? kf[l] : k;
-        OC_Q8_LEVEL(1) OC_Q8_LEVEL(2) OC_Q8_LEVEL(3) OC_Q8_LEVEL(4) OC_Q8_LEVEL(5) OC_Q8_LEVEL(6)
-#undef OC_Q8_LEVEL
-        float t = a * m - k * ninth;
-        t = t > 0.0f ? t : 0.0f;                       /* NaN -> 0 */
-        t = t < k - 1.0f ? t : k - 1.0f;
-        int32_t u = (int32_t)(k + t);                  /* k + floor(t): t >= 0 truncates down */
-        /* below lo: 0, except that a positive second moment keeps the smallest code */
-        u &= -(int32_t)(is_signed ? (a >= lo) : (a > 0.0f));
-        const int32_t top = -(int32_t)(a >= hi);       /* at or above hi: the one code */
-        int32_t code;
-        if (is_signed) {  /* +1 is 128; -1 is not a code: the most negative one, 255 */
-            const int32_t base = (u & ~top) | (127 & top);
-            const int32_t neg = -(int32_t)((oc_bits(src[i]) >> 31) & (uint32_t)(base != 0));
-            code = (neg & (base | 128)) | (~neg & ((base & ~top) | (128 & top)));
-        } else {
-            code = (u & ~top) | (1 & top);
+    if (is_signed) {
+        for (int64_t i = 0; i < n; i++) {
+            const float a = fabsf(src[i]) * inv;
+            int32_t u = oc_q8_level_code(a, &e);
+            u = a >= e.lo ? u : 0;
+            const int32_t neg = (int32_t)(oc_bits(src[i]) >> 31);
+            /* negative: the sign bit, except for 0; at or above hi: +1 is 128, and -1 not
+             * being a code, the most negative one, 255 */
+            u = neg & (u != 0) ? (u | 128) : u;
+            code[i] = a >= e.hi ? 128 + 127 * neg : u;
         }
-        dst[i] = (uint8_t)code;
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            const float a = src[i] * inv;  /* second moments are >= 0 (or NaN) */
+            int32_t u = oc_q8_level_code(fabsf(a), &e);
+            u = fabsf(a) > 0.0f ? u : 0;    /* a positive value keeps the smallest code */
+            code[i] = fabsf(a) >= e.hi ? 1 : u;
+        }
     }
+    for (int64_t i = 0; i < n; i++) dst[i] = (uint8_t)code[i];
 }
 
 static inline __attribute__((always_inline)) void
