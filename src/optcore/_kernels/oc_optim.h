@@ -195,6 +195,25 @@ oc_adam_tile(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT 
     }
 }
 
+/* oc_adam_tile without AMSGrad on bfloat16 m and v (see FUSED_BF16 below): one loop, so the
+ * conversions run beside the divisions and square root instead of in passes of their own. */
+static inline __attribute__((always_inline)) int
+oc_adam_bf16_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                   uint16_t *OC_RESTRICT m, uint16_t *OC_RESTRICT v, uint32_t rbase, int64_t n) {
+    const float ss = h->step_size, b1 = h->beta1, b1c = h->beta1_c, b2 = h->beta2, b2c = h->beta2_c;
+    const float bc2s = h->bc2_sqrt, eps = h->eps;
+    const uint32_t nn = (uint32_t)n;
+    for (uint32_t i = 0; i < nn; i++) {
+        const uint32_t r = oc_mix32(rbase + i);
+        float mi = b1 * oc_bf16_to_f32(m[i]) + b1c * g[i];
+        float vi = b2 * oc_bf16_to_f32(v[i]) + b2c * (g[i] * g[i]);
+        m[i] = oc_f32_to_bf16_sr(mi, r);
+        v[i] = oc_f32_to_bf16_sr(vi, r >> 16);
+        p[i] = p[i] - ss * (mi / (sqrtf(vi) / bc2s + eps));
+    }
+    return 1;
+}
+
 typedef struct { float clr, beta1, beta1_c, beta2, eps; } oc_adamax_h;
 
 static inline __attribute__((always_inline)) void
@@ -284,7 +303,13 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
     }
 }
 
-#define OC_DEFINE_UPDATE(NAME, H_T, TILE)                                                    \
+/* FUSED_BF16(h, g, p, m, v, rbase, n): the rule on two bfloat16 state slots in one loop, the
+ * widening, update, stochastic rounding (slot 3 the low, slot 4 the high 16 bits of the word
+ * oc_mix32(rbase + k)) and parameter step together, returning 1; or 0 where the rule has no
+ * such loop (OC_NO_FUSED). Same operations, same bits as the tile path. */
+#define OC_NO_FUSED(h, g, p, m, v, rbase, n) 0
+
+#define OC_DEFINE_UPDATE(NAME, H_T, TILE, FUSED_BF16)                                        \
     static inline __attribute__((always_inline)) void NAME##_chunk(                         \
         const oc_list *L, const oc_gradopts *o, const H_T *h, int64_t c) {                   \
         float gbuf[OC_TILE] __attribute__((aligned(64)));                                    \
@@ -313,6 +338,7 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
         oc_lp_slot S[OC_MAX_SLOTS];                                                          \
         oc_lp_slots(L, c, o->rng_key, S);                                                    \
         const int pair_sr = oc_kind_half(S[3].kind) || oc_kind_half(S[4].kind);              \
+        const int fuse_bf16 = S[3].kind == OC_BF16 && S[4].kind == OC_BF16 && S[5].data == NULL; \
         const int64_t n = oc_chunk_len(L, c), start = L->chunk_start[c];                     \
         float s = o->scale;                                                                   \
         if (o->tensor_scale != NULL) s = s * o->tensor_scale[L->chunk_tensor[c]];            \
@@ -332,17 +358,21 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
             const float *gt = oc_lp_tile(&S[1], graw, i, m);                                  \
             const float *g = oc_grad_tile(gbuf, gt, acc ? acc + i : NULL, pt, m, s, o);       \
             oc_decay_tile(pt, m, o->decay);                                                   \
-            float *t1 = oc_lp_tile(&S[3], sbuf[0], i, m);                                     \
-            float *t2 = oc_lp_tile(&S[4], sbuf[1], i, m);                                     \
-            float *t3 = oc_lp_tile(&S[5], sbuf[2], i, m);                                     \
-            TILE(h, g, pt, t1, t2, t3, m);                                                    \
+            if (!(fuse_bf16 && FUSED_BF16(h, g, pt, (uint16_t *)S[3].data + i,               \
+                                          (uint16_t *)S[4].data + i,                          \
+                                          S[3].base + (uint32_t)(start + i), m))) {           \
+                float *t1 = oc_lp_tile(&S[3], sbuf[0], i, m);                                 \
+                float *t2 = oc_lp_tile(&S[4], sbuf[1], i, m);                                 \
+                float *t3 = oc_lp_tile(&S[5], sbuf[2], i, m);                                 \
+                TILE(h, g, pt, t1, t2, t3, m);                                                \
+                if (pair_sr) oc_rand_fill(rnd, S[3].base, start + i, m);                     \
+                for (int k = 0; k < 2; k++)                                                   \
+                    if (S[3 + k].data != NULL && S[3 + k].kind != OC_F32)                     \
+                        oc_lp_store(&S[3 + k], sbuf[k], i, m, rnd, 16 * k);                   \
+                if (S[5].data != NULL && S[5].kind != OC_F32)                                 \
+                    oc_lp_store_sr(&S[5], sbuf[2], i, m, start + i);                          \
+            }                                                                                 \
             oc_l1_tile(pt, m, o->l1_thresh);                                                  \
-            if (pair_sr) oc_rand_fill(rnd, S[3].base, start + i, m);                         \
-            for (int k = 0; k < 2; k++)                                                       \
-                if (S[3 + k].data != NULL && S[3 + k].kind != OC_F32)                         \
-                    oc_lp_store(&S[3 + k], sbuf[k], i, m, rnd, 16 * k);                       \
-            if (S[5].data != NULL && S[5].kind != OC_F32)                                     \
-                oc_lp_store_sr(&S[5], sbuf[2], i, m, start + i);                              \
             if (K->data != NULL)                                                              \
                 oc_kahan_store((uint16_t *)P->data + i, (uint16_t *)K->data + i, pbuf, m);   \
             else if (P->kind != OC_F32 && o->param_sr)                                        \
@@ -359,12 +389,12 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
                           else NAME##_lp_chunk(L, o, h, c));                                  \
     }
 
-OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile)
-OC_DEFINE_UPDATE(oc_adagrad_run, oc_adagrad_h, oc_adagrad_tile)
-OC_DEFINE_UPDATE(oc_rmsprop_run, oc_rmsprop_h, oc_rmsprop_tile)
-OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile)
-OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile)
-OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile)
+OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_adagrad_run, oc_adagrad_h, oc_adagrad_tile, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_rmsprop_run, oc_rmsprop_h, oc_rmsprop_tile, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile, oc_adam_bf16_fused)
+OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile, OC_NO_FUSED)
 
 /* Set slot `s` of every tensor to `value` (zero_grad over a table of arrays). */
 static inline __attribute__((always_inline)) void
