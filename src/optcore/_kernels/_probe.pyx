@@ -152,32 +152,6 @@ def sgd_sweep(p, g, buf, momentum=0.9, lr=1e-3):
     exec_end(ex)
 
 
-def adam_sweep(p, g, m, v, beta1=0.9, beta2=0.999, lr=1e-3):
-    """Adam access pattern without its division and square root.
-
-    ``m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2; p = p - lr (m + v)``, all in
-    float32 (the coefficients ``1 - beta`` rounded from float64). 4 loads and 3 stores per
-    element (28 bytes), as the Adam, AdamW, AdaMax and NAdam kernels.
-    """
-    cdef oc_probe_adam_h h
-    cdef double b1 = ck.finite("beta1", beta1)
-    cdef double b2 = ck.finite("beta2", beta2)
-    h.a = <float> b1
-    h.a_c = <float> (1.0 - b1)
-    h.b = <float> b2
-    h.b_c = <float> (1.0 - b2)
-    h.lr = <float> ck.finite("lr", lr)
-    cdef int64_t n = _check([("p", p), ("m", m), ("v", v)], [("g", g)])
-    cdef float *pp = _ptr(p)
-    cdef const float *pg = _ptr(g)
-    cdef float *pm = _ptr(m)
-    cdef float *pv = _ptr(v)
-    cdef oc_exec ex = exec_begin(n)
-    with nogil:
-        oc_probe_adam(pp, pg, pm, pv, &h, n, &ex)
-    exec_end(ex)
-
-
 cdef oc_probe_adam_h _adam_h(beta1, beta2, lr) except *:
     cdef oc_probe_adam_h h
     cdef double b1 = ck.finite("beta1", beta1)
@@ -188,6 +162,25 @@ cdef oc_probe_adam_h _adam_h(beta1, beta2, lr) except *:
     h.b_c = <float> (1.0 - b2)
     h.lr = <float> ck.finite("lr", lr)
     return h
+
+
+def adam_sweep(p, g, m, v, beta1=0.9, beta2=0.999, lr=1e-3):
+    """Adam access pattern without its division and square root.
+
+    ``m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2; p = p - lr (m + v)``, all in
+    float32 (the coefficients ``1 - beta`` rounded from float64). 4 loads and 3 stores per
+    element (28 bytes), as the Adam, AdamW, AdaMax and NAdam kernels.
+    """
+    cdef oc_probe_adam_h h = _adam_h(beta1, beta2, lr)
+    cdef int64_t n = _check([("p", p), ("m", m), ("v", v)], [("g", g)])
+    cdef float *pp = _ptr(p)
+    cdef const float *pg = _ptr(g)
+    cdef float *pm = _ptr(m)
+    cdef float *pv = _ptr(v)
+    cdef oc_exec ex = exec_begin(n)
+    with nogil:
+        oc_probe_adam(pp, pg, pm, pv, &h, n, &ex)
+    exec_end(ex)
 
 
 cdef void *_addr(a):

@@ -28,8 +28,8 @@
 #ifndef OC_PROBE_H
 #define OC_PROBE_H
 
-#include <string.h>
 #include "oc_common.h"
+#include "oc_lowp.h"
 
 #define OC_PROBE_LANES 16
 #define OC_PROBE_BLOCK 1024  /* elements summed in float32 lanes before folding into float64 */
@@ -115,17 +115,9 @@ oc_probe_adam_chunk(float *__restrict__ p, const float *__restrict__ g, float *_
 }
 
 /* ---- low-precision Adam patterns --------------------------------------------------- */
-static inline __attribute__((always_inline)) float oc_probe_widen(uint16_t b) {
-    const uint32_t u = (uint32_t)b << 16;
-    float x;
-    memcpy(&x, &u, 4);
-    return x;
-}
-
+/* bf16 narrowing by truncation (widening: oc_bf16_to_f32, a shift). */
 static inline __attribute__((always_inline)) uint16_t oc_probe_narrow(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    return (uint16_t)(u >> 16);
+    return (uint16_t)(oc_bits(x) >> 16);
 }
 
 static inline __attribute__((always_inline)) void
@@ -133,8 +125,8 @@ oc_probe_adam_bf16_chunk(float *__restrict__ p, const float *__restrict__ g, uin
                          uint16_t *__restrict__ v, const oc_probe_adam_h *h, int64_t k) {
     const float a = h->a, a_c = h->a_c, b = h->b, b_c = h->b_c, lr = h->lr;
     for (int64_t i = 0; i < k; i++) {
-        float mi = a * oc_probe_widen(m[i]) + a_c * g[i];
-        float vi = b * oc_probe_widen(v[i]) + b_c * (g[i] * g[i]);
+        float mi = a * oc_bf16_to_f32(m[i]) + a_c * g[i];
+        float vi = b * oc_bf16_to_f32(v[i]) + b_c * (g[i] * g[i]);
         m[i] = oc_probe_narrow(mi);
         v[i] = oc_probe_narrow(vi);
         p[i] = p[i] - lr * (mi + vi);
@@ -165,12 +157,12 @@ oc_probe_adam_bf16all_chunk(uint16_t *__restrict__ p, const uint16_t *__restrict
                             const oc_probe_adam_h *h, int64_t k) {
     const float a = h->a, a_c = h->a_c, b = h->b, b_c = h->b_c, lr = h->lr;
     for (int64_t i = 0; i < k; i++) {
-        const float gi = oc_probe_widen(g[i]);
-        float mi = a * oc_probe_widen(m[i]) + a_c * gi;
-        float vi = b * oc_probe_widen(v[i]) + b_c * (gi * gi);
+        const float gi = oc_bf16_to_f32(g[i]);
+        float mi = a * oc_bf16_to_f32(m[i]) + a_c * gi;
+        float vi = b * oc_bf16_to_f32(v[i]) + b_c * (gi * gi);
         m[i] = oc_probe_narrow(mi);
         v[i] = oc_probe_narrow(vi);
-        p[i] = oc_probe_narrow(oc_probe_widen(p[i]) - lr * (mi + vi));
+        p[i] = oc_probe_narrow(oc_bf16_to_f32(p[i]) - lr * (mi + vi));
     }
 }
 
@@ -180,7 +172,7 @@ oc_probe_adam_copy_chunk(float *__restrict__ p, const uint16_t *__restrict__ g, 
                          const oc_probe_adam_h *h, int64_t k) {
     const float a = h->a, a_c = h->a_c, b = h->b, b_c = h->b_c, lr = h->lr;
     for (int64_t i = 0; i < k; i++) {
-        const float gi = oc_probe_widen(g[i]);
+        const float gi = oc_bf16_to_f32(g[i]);
         float mi = a * m[i] + a_c * gi;
         float vi = b * v[i] + b_c * (gi * gi);
         m[i] = mi;
