@@ -4,8 +4,10 @@ Implementations, on one tensor of 16M and 64M elements at 2 threads:
 ``torch-fused-fp32`` (the reference), ``torch-fused-bf16`` (bf16 params and grads; torch keeps
 bf16 state), ``optcore-float32``, ``optcore-bfloat16`` (bf16 state, stochastic rounding) and
 ``optcore-int8`` (8-bit block-wise state). ``extra_info`` records the bytes each step moves
-(params + grads + state: 28, 20 and 16 + 1/64 B/element for optcore) against the probe's Adam
-sweep bandwidth (``pattern="adam"``). ``OPTCORE_BENCH_SMOKE=1`` shrinks to 64k elements.
+(params + grads + state: 28, 20 and 16 + 1/16 B/element for optcore) and the probe pattern of
+the same access pattern (``PATTERN``: ``adam``, ``adam_bf16``, ``adam_int8``, ``adam_bf16all``
+for torch on bf16 params, grads and state), so that ``of_limit`` is each implementation's
+fraction of its own roofline. ``OPTCORE_BENCH_SMOKE=1`` shrinks to 64k elements.
 """
 import numpy as np
 import pytest
@@ -19,7 +21,9 @@ SIZES = {"16M": 1 << 24, "64M": 1 << 26}
 IMPLS = ["torch-fused-fp32", "torch-fused-bf16", "optcore-float32", "optcore-bfloat16",
          "optcore-int8"]
 BYTES = {"torch-fused-fp32": 28, "torch-fused-bf16": 14, "optcore-float32": 28,
-         "optcore-bfloat16": 20, "optcore-int8": 16 + 4 / 256}
+         "optcore-bfloat16": 20, "optcore-int8": 16 + 16 / 256}
+PATTERN = {"torch-fused-fp32": "adam", "torch-fused-bf16": "adam_bf16all", "optcore-float32": "adam",
+           "optcore-bfloat16": "adam_bf16", "optcore-int8": "adam_int8"}
 
 
 def _stepper(impl, n):
@@ -50,7 +54,8 @@ def test_adam_lowp(benchmark, size, impl):
     if torch is not None:
         torch.set_num_threads(2)
     try:
-        benchmark.extra_info.update(elements=n, bytes=BYTES[impl] * n, pattern="adam", threads=2)
+        benchmark.extra_info.update(elements=n, bytes=BYTES[impl] * n, pattern=PATTERN[impl],
+                                    threads=2)
         benchmark.pedantic(step, rounds=3 if SMOKE else 10, iterations=1, warmup_rounds=1)
     finally:
         optcore.set_num_threads(None)

@@ -286,6 +286,39 @@ def test_stochastic_rounding_is_unbiased():
     assert abs(frac - 1 / 3) < 0.01
 
 
+def test_adam_bf16_moments_round_unbiased_from_one_random_word():
+    """Adam's two bf16 moments share one 32-bit random word per element (m its low, v its high
+    16 bits): each rounds up with the probability of its own fraction, and the two decisions
+    are independent. First step from zero state: m = (1 - b1) g, v = (1 - b2) g^2 in float32,
+    g chosen so that both fall strictly between two bf16 numbers; 70000 elements (binomial
+    standard error <= 0.0019, tolerance 5 sigma)."""
+    n = 70000
+    b1, b2 = 0.5, 0.75
+    g0 = np.float32(1.0 + 2.0**-9 + 2.0**-11)
+    p = np.zeros(n, np.float32)
+    g = np.full(n, g0, np.float32)
+    opt = optcore.Adam([(p, g)], lr=1e-3, betas=(b1, b2), state_dtype="bfloat16")
+    opt.step()
+    st = opt.state_of(0)
+    ups = []
+    for key, exact in (("exp_avg", np.float32(1.0 - b1) * g0),
+                       ("exp_avg_sq", np.float32(1.0 - b2) * (g0 * g0))):
+        bits = np.array([exact], np.float32).view(np.uint32)[0]
+        down = np.array([bits & 0xFFFF0000], np.uint32).view(np.float32)[0]
+        up = np.array([(bits & 0xFFFF0000) + 0x10000], np.uint32).view(np.float32)[0]
+        frac = (float(exact) - float(down)) / (float(up) - float(down))
+        assert 0.05 < frac < 0.95, (key, frac)
+        vals = st[key]
+        assert set(np.unique(vals).tolist()) <= {float(down), float(up)}, key
+        u = vals == up
+        tol = 5 * np.sqrt(frac * (1 - frac) / n)
+        assert abs(np.mean(u) - frac) < tol, (key, np.mean(u), frac)
+        ups.append((u, frac))
+    (um, fm), (uv, fv) = ups
+    both = np.mean(um & uv)
+    assert abs(both - fm * fv) < 5 * np.sqrt(fm * fv * (1 - fm * fv) / n), (both, fm * fv)
+
+
 @pytest.mark.parametrize("state_dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("cls,hyper", ALL)
 def test_one_and_two_threads_bitwise(cls, hyper, state_dtype):

@@ -3,7 +3,8 @@
 Two parts, shared by ``optcore bench`` and the pytest-benchmark suite in ``bench/``:
 
 - :func:`measure_probe` times the roofline probe (:mod:`optcore._kernels._probe`: copy,
-  STREAM triad, sum of squares, and the access patterns of the SGD-momentum and Adam kernels)
+  STREAM triad, sum of squares, the access patterns of the SGD-momentum and Adam kernels, and
+  of Adam with bfloat16 or 8-bit state, bfloat16 parameters and gradients, or a model copy)
   on arrays larger than the caches, at each thread count, best of several repeats. Its GB/s
   are the limits a memory-bound kernel of the same pattern can reach on this machine.
 - :func:`run` steps every optimizer on each tensor layout with optcore, with an in-place
@@ -42,7 +43,8 @@ PATTERN = {"sgd": "sgd", "adagrad": "sgd", "rmsprop": "sgd", "adam": "adam", "ad
 #: Bytes each probe pattern moves per element (loads + stores).
 BYTES_PER_ELEMENT = dict(_probe.BYTES_PER_ELEMENT)
 
-PATTERNS = ("copy", "triad", "sumsq", "sgd", "adam")
+PATTERNS = ("copy", "triad", "sumsq", "sgd", "adam", "adam_bf16", "adam_int8", "adam_bf16all",
+            "adam_copy")
 
 # Hyper-parameters used everywhere (torch's defaults; SGD with momentum).
 HYPER = {
@@ -180,6 +182,7 @@ def measure_probe(elements=1 << 24, threads=(1,), repeats=5, patterns=PATTERNS):
         "sgd": lambda: _probe.sgd_sweep(a, b, c, 0.5, 1e-3),
         "adam": lambda: _probe.adam_sweep(a, b, c, d, 0.9, 0.999, 1e-3),
     }
+    calls.update(_lowp_probe_calls(n, a, b, c, d, patterns))
     out = {p: {} for p in patterns}
     try:
         for t in threads:
@@ -190,6 +193,23 @@ def measure_probe(elements=1 << 24, threads=(1,), repeats=5, patterns=PATTERNS):
     finally:
         optcore.set_num_threads(None)
     return out
+
+
+def _lowp_probe_calls(n, a, b, c, d, patterns):
+    """Sweeps of the low-precision Adam patterns asked for, on 16-bit and 8-bit arrays of n
+    elements allocated here (the float32 ones are shared with the other patterns)."""
+    calls = {}
+    if not any(p.startswith("adam_") for p in patterns):
+        return calls
+    h1, h2, h3, h4 = (np.full(n, 0x3f00, np.uint16) for _ in range(4))  # bf16 0.5
+    q1, q2 = np.zeros(n, np.uint8), np.zeros(n, np.uint8)
+    nb = -(-n // _probe.Q8_BLOCK)
+    s1, s2 = np.ones(nb, np.float32), np.ones(nb, np.float32)
+    calls["adam_bf16"] = lambda: _probe.adam_bf16_sweep(a, b, h1, h2, 0.9, 0.999, 1e-3)
+    calls["adam_int8"] = lambda: _probe.adam_int8_sweep(a, b, q1, q2, s1, s2, 1e-3)
+    calls["adam_bf16all"] = lambda: _probe.adam_bf16all_sweep(h1, h2, h3, h4, 0.9, 0.999, 1e-3)
+    calls["adam_copy"] = lambda: _probe.adam_copy_sweep(a, h1, c, d, h2, 0.9, 0.999, 1e-3)
+    return calls
 
 
 # ---- steppers: one optimizer step on one layout, three implementations ----------------------
@@ -543,9 +563,9 @@ def format_table(result):
              "probe beyond the caches (GB/s, best of repeats, measured first)"]
     probe = result["probe"]
     ts = sorted({t for v in probe.values() for t in v})
-    lines.append(f"  {'pattern':<8}{'bytes/el':>9}" + "".join(f"{f'{t} thr':>10}" for t in ts))
+    lines.append(f"  {'pattern':<13}{'bytes/el':>9}" + "".join(f"{f'{t} thr':>10}" for t in ts))
     for p, v in probe.items():
-        lines.append(f"  {p:<8}{BYTES_PER_ELEMENT[p]:>9}"
+        lines.append(f"  {p:<13}{BYTES_PER_ELEMENT[p]:>9g}"
                      + "".join(f"{v[t]:>10.1f}" if t in v else f"{'-':>10}" for t in ts))
     lines.append("")
     head = (f"{'kernel':<9}{'size':<16}{'threads':>7}{'GB/s':>8}{'% limit':>9}"

@@ -61,7 +61,9 @@ cdef extern from "oc_lowp.h" nogil:
         int kind
         uint32_t base
     void oc_lp_store(const oc_lp_slot *s, const float *src, int64_t off, int64_t n,
-                     int stochastic, int64_t first)
+                     const uint32_t *r, int shift)
+    void oc_lp_store_sr(const oc_lp_slot *s, const float *src, int64_t off, int64_t n,
+                        int64_t first)
     void oc_lp_load(float *dst, const oc_lp_slot *s, int64_t off, int64_t n)
 
 oc_q8_init()
@@ -98,7 +100,7 @@ def q8_quantize(const float[::1] x, uint8_t[::1] codes, float[::1] absmax, bint 
     cdef oc_lp_slot sl = _q8_slot(codes, absmax, signed)
     if x.shape[0]:
         with nogil:
-            oc_lp_store(&sl, &x[0], 0, x.shape[0], 0, 0)
+            oc_lp_store(&sl, &x[0], 0, x.shape[0], NULL, 0)
 
 
 def q8_dequantize(const uint8_t[::1] codes, const float[::1] absmax, float[::1] out, bint signed):
@@ -126,9 +128,12 @@ def half_encode(const float[::1] x, uint16_t[::1] bits, int kind, seed=None):
     cdef int stochastic = seed is not None
     if stochastic:
         sl.base = oc_rng_base(oc_rng_key(<uint32_t> (seed & 0xffffffff), 0), 0, 0)
-    if x.shape[0]:
+    if x.shape[0] and stochastic:
         with nogil:
-            oc_lp_store(&sl, &x[0], 0, x.shape[0], stochastic, 0)
+            oc_lp_store_sr(&sl, &x[0], 0, x.shape[0], 0)
+    elif x.shape[0]:
+        with nogil:
+            oc_lp_store(&sl, &x[0], 0, x.shape[0], NULL, 0)
 
 
 cdef int _half_kind(int kind) except -1:

@@ -6,7 +6,7 @@
  * - Inside a chunk, element-wise kernels run over tiles of OC_TILE elements: the gradient is
  *   prepared once per tile in a small L1-resident buffer (scale, clamp, weight decay), then the
  *   rule's loop runs branch-free over it. Memory still sees one sweep.
- * - OC_CLONES compiles a driver for AVX-512, AVX2 and baseline x86-64; the loader picks one at
+ * - OC_CLONES compiles a driver for AVX-512 (x86-64-v4), AVX2 and baseline x86-64; the loader picks one at
  *   run time (GNU ifunc). Elsewhere it is empty and the baseline build is used.
  * - OpenMP is optional: without it (OPTCORE_NO_OPENMP) every driver runs on one thread.
  */
@@ -26,7 +26,9 @@
 
 #if defined(__x86_64__) && (defined(__clang__) ? (__clang_major__ >= 14) : defined(__GNUC__))
 #define OC_X86_DISPATCH 1
-#define OC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+/* x86-64-v4 = AVX-512 F, BW, DQ, VL, CD: with AVX512BW the 16-bit and 8-bit element formats
+ * (oc_lowp.h) vectorize at full width too; AVX512F alone narrows them in 256-bit halves. */
+#define OC_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #include <xmmintrin.h>
 #else
 #define OC_X86_DISPATCH 0

@@ -197,6 +197,69 @@ oc_adam_tile(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT 
     }
 }
 
+/* oc_adam_tile without AMSGrad on low-precision m and v, in one loop, so that the conversions
+ * run beside the divisions and square root instead of in passes of their own.
+ * bfloat16: widening, update, stochastic rounding (m the low, v the high 16 bits of the random
+ * word oc_mix32(rbase + k), as the tile path draws them) and parameter step together.
+ * 8-bit (m signed, v unsigned): decoding, update and parameter step together, the new float32
+ * moments kept in L1 for the per-block requantization that needs their absmax. */
+static inline __attribute__((always_inline)) void
+oc_adam_bf16_loop(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                  uint16_t *OC_RESTRICT m, uint16_t *OC_RESTRICT v, uint32_t rbase, int64_t n) {
+    const float ss = h->step_size, b1 = h->beta1, b1c = h->beta1_c, b2 = h->beta2, b2c = h->beta2_c;
+    const float bc2s = h->bc2_sqrt, eps = h->eps;
+    const uint32_t nn = (uint32_t)n;
+    for (uint32_t i = 0; i < nn; i++) {
+        const uint32_t r = oc_mix32(rbase + i);
+        float mi = b1 * oc_bf16_to_f32(m[i]) + b1c * g[i];
+        float vi = b2 * oc_bf16_to_f32(v[i]) + b2c * (g[i] * g[i]);
+        m[i] = oc_f32_to_bf16_sr(mi, r);
+        v[i] = oc_f32_to_bf16_sr(vi, r >> 16);
+        p[i] = p[i] - ss * (mi / (sqrtf(vi) / bc2s + eps));
+    }
+}
+
+static inline __attribute__((always_inline)) void
+oc_adam_q8_loop(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                const uint8_t *OC_RESTRICT mq, const uint8_t *OC_RESTRICT vq, float am, float av,
+                float *OC_RESTRICT mf, float *OC_RESTRICT vf, int64_t n) {
+    const float ss = h->step_size, b1 = h->beta1, b1c = h->beta1_c, b2 = h->beta2, b2c = h->beta2_c;
+    const float bc2s = h->bc2_sqrt, eps = h->eps;
+    const float *cm = oc_q8_codes[1].value, *cv = oc_q8_codes[0].value;
+    for (int64_t i = 0; i < n; i++) {
+        float mi = b1 * (cm[mq[i]] * am) + b1c * g[i];
+        float vi = b2 * (cv[vq[i]] * av) + b2c * (g[i] * g[i]);
+        mf[i] = mi;
+        vf[i] = vi;
+        p[i] = p[i] - ss * (mi / (sqrtf(vi) / bc2s + eps));
+    }
+}
+
+static inline __attribute__((always_inline)) int
+oc_adam_lp_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                 const oc_lp_slot *S, int64_t i, int64_t n, int64_t first) {
+    if (S[5].data != NULL) return 0;
+    if (S[3].kind == OC_BF16 && S[4].kind == OC_BF16) {
+        oc_adam_bf16_loop(h, g, p, (uint16_t *)S[3].data + i, (uint16_t *)S[4].data + i,
+                          S[3].base + (uint32_t)first, n);
+        return 1;
+    }
+    if (S[3].kind == OC_Q8S && S[4].kind == OC_Q8U) {
+        float mf[OC_Q8_BLOCK] __attribute__((aligned(64)));
+        float vf[OC_Q8_BLOCK] __attribute__((aligned(64)));
+        for (int64_t b = 0; b < n; b += OC_Q8_BLOCK) {
+            const int64_t k = n - b < OC_Q8_BLOCK ? n - b : OC_Q8_BLOCK;
+            const int64_t blk = (i + b) / OC_Q8_BLOCK;
+            uint8_t *mq = (uint8_t *)S[3].data + i + b, *vq = (uint8_t *)S[4].data + i + b;
+            oc_adam_q8_loop(h, g + b, p + b, mq, vq, S[3].absmax[blk], S[4].absmax[blk], mf, vf, k);
+            oc_q8_block_store(mq, S[3].absmax + blk, mf, k, 1);
+            oc_q8_block_store(vq, S[4].absmax + blk, vf, k, 0);
+        }
+        return 1;
+    }
+    return 0;
+}
+
 typedef struct { float clr, beta1, beta1_c, beta2, eps; } oc_adamax_h;
 
 static inline __attribute__((always_inline)) void
@@ -251,13 +314,12 @@ static inline void oc_lp_slots(const oc_list *L, int64_t c, uint32_t key, oc_lp_
         o->data = NULL;
         o->absmax = NULL;
         o->kind = OC_F32;
-        o->base = 0;
+        o->base = oc_rng_base(key, t, s);
         if (L->slots[s] == NULL || L->slots[s][t] == NULL) continue;
         o->kind = L->kinds[s] != NULL ? L->kinds[s][t] : OC_F32;
         const int64_t size = o->kind == OC_F32 ? 4 : (o->kind == OC_BF16 || o->kind == OC_F16 ? 2 : 1);
         o->data = (char *)L->slots[s][t] + start * size;
         if (o->kind == OC_Q8S || o->kind == OC_Q8U) o->absmax = L->absmax[s][t] + start / OC_Q8_BLOCK;
-        o->base = oc_rng_base(key, t, s);
     }
 }
 
@@ -301,7 +363,13 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
     }
 }
 
-#define OC_DEFINE_UPDATE(NAME, H_T, TILE)                                                    \
+/* FUSED(h, g, p, S, i, n, first): the rule on the state slots S[3..5] of tile [i, i + n) in
+ * one loop with their conversions, returning 1 when it has such a loop for their formats, 0
+ * (the tile path runs) otherwise or for every rule without one (OC_NO_FUSED). Same
+ * operations, same bits as the tile path. */
+#define OC_NO_FUSED(h, g, p, S, i, n, first) 0
+
+#define OC_DEFINE_UPDATE(NAME, H_T, TILE, FUSED)                                        \
     static inline __attribute__((always_inline)) void NAME##_chunk(                         \
         const oc_list *L, const oc_gradopts *o, const H_T *h, int64_t c) {                   \
         float gbuf[OC_TILE] __attribute__((aligned(64)));                                    \
@@ -326,8 +394,10 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
         float graw[OC_TILE] __attribute__((aligned(64)));                                    \
         float pbuf[OC_TILE] __attribute__((aligned(64)));                                    \
         float sbuf[3][OC_TILE] __attribute__((aligned(64)));                                 \
+        uint32_t rnd[OC_TILE] __attribute__((aligned(64)));                                  \
         oc_lp_slot S[OC_MAX_SLOTS];                                                          \
         oc_lp_slots(L, c, o->rng_key, S);                                                    \
+        const int pair_sr = oc_kind_half(S[3].kind) || oc_kind_half(S[4].kind);              \
         const int64_t n = oc_chunk_len(L, c), start = L->chunk_start[c];                     \
         float s = o->scale;                                                                   \
         if (o->tensor_scale != NULL) s = s * o->tensor_scale[L->chunk_tensor[c]];            \
@@ -347,20 +417,27 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
             const float *gt = oc_lp_tile(&S[1], graw, i, m);                                  \
             const float *g = oc_grad_tile(gbuf, gt, acc ? acc + i : NULL, pt, m, s, o);       \
             oc_decay_tile(pt, m, o->decay);                                                   \
-            float *t1 = oc_lp_tile(&S[3], sbuf[0], i, m);                                     \
-            float *t2 = oc_lp_tile(&S[4], sbuf[1], i, m);                                     \
-            float *t3 = oc_lp_tile(&S[5], sbuf[2], i, m);                                     \
-            TILE(h, g, pt, t1, t2, t3, m);                                                    \
+            if (!FUSED(h, g, pt, S, i, m, start + i)) {                                       \
+                float *t1 = oc_lp_tile(&S[3], sbuf[0], i, m);                                 \
+                float *t2 = oc_lp_tile(&S[4], sbuf[1], i, m);                                 \
+                float *t3 = oc_lp_tile(&S[5], sbuf[2], i, m);                                 \
+                TILE(h, g, pt, t1, t2, t3, m);                                                \
+                if (pair_sr) oc_rand_fill(rnd, S[3].base, start + i, m);                     \
+                for (int k = 0; k < 2; k++)                                                   \
+                    if (S[3 + k].data != NULL && S[3 + k].kind != OC_F32)                     \
+                        oc_lp_store(&S[3 + k], sbuf[k], i, m, rnd, 16 * k);                   \
+                if (S[5].data != NULL && S[5].kind != OC_F32)                                 \
+                    oc_lp_store_sr(&S[5], sbuf[2], i, m, start + i);                          \
+            }                                                                                 \
             oc_l1_tile(pt, m, o->l1_thresh);                                                  \
-            for (int k = 0; k < 3; k++)                                                       \
-                if (S[3 + k].data != NULL && S[3 + k].kind != OC_F32)                         \
-                    oc_lp_store(&S[3 + k], sbuf[k], i, m, 1, start + i);                      \
             if (K->data != NULL)                                                              \
                 oc_kahan_store((uint16_t *)P->data + i, (uint16_t *)K->data + i, pbuf, m,    \
                                P->kind);                                                      \
+            else if (P->kind != OC_F32 && o->param_sr)                                        \
+                oc_lp_store_sr(P, pbuf, i, m, start + i);                                     \
             else if (P->kind != OC_F32)                                                       \
-                oc_lp_store(P, pbuf, i, m, o->param_sr, start + i);                           \
-            if (MC->data != NULL) oc_lp_store(MC, pt, i, m, 0, start + i);                   \
+                oc_lp_store(P, pbuf, i, m, NULL, 0);                                          \
+            if (MC->data != NULL) oc_lp_store(MC, pt, i, m, NULL, 0);                        \
         }                                                                                     \
     }                                                                                         \
     OC_CLONES static void NAME(const oc_list *L, const oc_gradopts *o, const H_T *h,         \
@@ -370,12 +447,12 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
                           else NAME##_lp_chunk(L, o, h, c));                                  \
     }
 
-OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile)
-OC_DEFINE_UPDATE(oc_adagrad_run, oc_adagrad_h, oc_adagrad_tile)
-OC_DEFINE_UPDATE(oc_rmsprop_run, oc_rmsprop_h, oc_rmsprop_tile)
-OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile)
-OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile)
-OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile)
+OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_adagrad_run, oc_adagrad_h, oc_adagrad_tile, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_rmsprop_run, oc_rmsprop_h, oc_rmsprop_tile, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile, oc_adam_lp_fused)
+OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile, OC_NO_FUSED)
 
 /* Set slot `s` of every tensor to `value` (zero_grad over a table of arrays): float32, or a
  * 16-bit slot (its format from the table) to `value` rounded to nearest. */

@@ -35,7 +35,10 @@ static inline int oc_num_procs(void) {
 static inline const char *oc_isa(void) {
 #if OC_X86_DISPATCH
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return "avx512f";
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("avx512cd"))
+        return "avx512f";  /* the x86-64-v4 clone */
     if (__builtin_cpu_supports("avx2")) return "avx2";
     return "x86-64";
 #elif defined(__aarch64__)
