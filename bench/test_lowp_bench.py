@@ -1,14 +1,28 @@
-"""One Adam step with low-precision state, side by side with torch's fused float32 Adam.
+"""One Adam step with low-precision state, parameters or gradients, side by side with torch's
+fused float32 Adam and the CPU 8-bit / low-precision optimizers users have today.
 
-Implementations, on one tensor of 16M and 64M elements at 2 threads:
-``torch-fused-fp32`` (the reference), ``torch-fused-bf16`` (bf16 params and grads; torch keeps
-bf16 state), ``optcore-float32``, ``optcore-bfloat16`` (bf16 state, stochastic rounding) and
-``optcore-int8`` (8-bit block-wise state). ``extra_info`` records the bytes each step moves
-(params + grads + state: 28, 20 and 16 + 1/16 B/element for optcore) and the probe pattern of
-the same access pattern (``PATTERN``: ``adam``, ``adam_bf16``, ``adam_int8``, ``adam_bf16all``
-for torch on bf16 params, grads and state), so that ``of_limit`` is each implementation's
-fraction of its own roofline. ``OPTCORE_BENCH_SMOKE=1`` shrinks to 64k elements.
+Implementations, on one tensor of 16M and 64M elements at 2 threads (``IMPLS``: bytes moved
+per element and the probe pattern of the same access pattern, so that ``of_limit`` is each
+implementation's fraction of its own roofline):
+
+- ``torch-fused-fp32`` (the reference) and ``torch-fused-bf16`` (bf16 params and grads; torch
+  keeps bf16 state);
+- ``optcore-float32``, ``optcore-bfloat16`` (bf16 state, stochastic rounding), ``optcore-int8``
+  (8-bit block-wise state);
+- ``optcore-bf16-params``: bf16 params, grads and state, stochastic rounding (14 B/element,
+  as torch fused on bf16);
+- ``optcore-master-bf16``: float32 params and state, bf16 grads and a bf16 model copy written
+  in the same sweep (8 + 2 + 16 + 2 = 28 B/element, as the plain float32 step);
+- where installed (``pip install optcore[lowbit-baselines]``): ``bnb-adam8bit``
+  (bitsandbytes' Adam8bit), ``torchao-adamw8bit`` (torchao's AdamW8bit: its first step compiles
+  for tens of seconds, so it is left out of smoke runs) and ``optimi-bf16-kahan`` (torch-optimi's
+  Adam on bf16 params with Kahan summation, 18 B/element; its probe pattern ``adam_bf16all``
+  moves 14, so its ``of_limit`` is only indicative).
+
+``OPTCORE_BENCH_SMOKE=1`` shrinks to 64k elements.
 """
+import importlib
+
 import numpy as np
 import pytest
 
@@ -18,32 +32,64 @@ from optcore import bench as ob
 from conftest import SMOKE, SMOKE_MAX_ELEMENTS
 
 SIZES = {"16M": 1 << 24, "64M": 1 << 26}
-IMPLS = ["torch-fused-fp32", "torch-fused-bf16", "optcore-float32", "optcore-bfloat16",
-         "optcore-int8"]
-BYTES = {"torch-fused-fp32": 28, "torch-fused-bf16": 14, "optcore-float32": 28,
-         "optcore-bfloat16": 20, "optcore-int8": 16 + 16 / 256}
-PATTERN = {"torch-fused-fp32": "adam", "torch-fused-bf16": "adam_bf16all", "optcore-float32": "adam",
-           "optcore-bfloat16": "adam_bf16", "optcore-int8": "adam_int8"}
+IMPLS = {
+    "torch-fused-fp32": (28, "adam"),
+    "torch-fused-bf16": (14, "adam_bf16all"),
+    "optcore-float32": (28, "adam"),
+    "optcore-bfloat16": (20, "adam_bf16"),
+    "optcore-int8": (16 + 16 / 256, "adam_int8"),
+    "optcore-bf16-params": (14, "adam_bf16all"),
+    "optcore-master-bf16": (28, "adam_copy"),
+    "bnb-adam8bit": (16 + 16 / 256, "adam_int8"),
+    "torchao-adamw8bit": (16 + 16 / 256, "adam_int8"),
+    "optimi-bf16-kahan": (18, "adam_bf16all"),
+}
+
+
+def _need(module):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pytest.skip(f"{module} is not installed")
+
+
+def _torch_stepper(impl, n):
+    torch = ob.torch_available()
+    if torch is None:
+        pytest.skip("torch is not installed")
+    dtype = torch.bfloat16 if impl in ("torch-fused-bf16", "optimi-bf16-kahan") else torch.float32
+    p = torch.nn.Parameter(torch.randn(n, dtype=dtype))
+    p.grad = (torch.randn(n) * 1e-3).to(dtype)
+    if impl.startswith("torch-fused"):
+        return torch.optim.Adam([p], lr=1e-3, fused=True).step
+    if impl == "bnb-adam8bit":
+        return _need("bitsandbytes").optim.Adam8bit([p], lr=1e-3).step
+    if impl == "torchao-adamw8bit":
+        if SMOKE:
+            pytest.skip("torchao compiles its step for tens of seconds: not in smoke runs")
+        return _need("torchao.optim").AdamW8bit([p], lr=1e-3, weight_decay=0.0).step
+    return _need("optimi").Adam([p], lr=1e-3, kahan_sum=True).step
 
 
 def _stepper(impl, n):
-    if impl in ("optcore-bf16-params", "optcore-master-bf16"):
-        return _param_stepper(impl, n)
-    if impl.startswith("torch"):
-        torch = ob.torch_available()
-        if torch is None:
-            pytest.skip("torch is not installed")
-        dtype = torch.bfloat16 if impl.endswith("bf16") else torch.float32
-        p = torch.randn(n, dtype=dtype)
-        p.grad = torch.randn(n, dtype=dtype) * 1e-3
-        return torch.optim.Adam([p], lr=1e-3, fused=True).step
+    if not impl.startswith("optcore"):
+        return _torch_stepper(impl, n)
     rng = np.random.default_rng(0)
     p = rng.standard_normal(n, dtype=np.float32)
     g = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
-    return optcore.Adam([(p, g)], lr=1e-3, state_dtype=impl.split("-")[1]).step
+    if impl in ("optcore-float32", "optcore-bfloat16", "optcore-int8"):
+        return optcore.Adam([(p, g)], lr=1e-3, state_dtype=impl.split("-")[1]).step
+    import ml_dtypes
+
+    g = g.astype(ml_dtypes.bfloat16)
+    if impl == "optcore-bf16-params":
+        return optcore.Adam([(p.astype(ml_dtypes.bfloat16), g)], lr=1e-3,
+                            state_dtype="bfloat16").step
+    copy = np.empty(n, ml_dtypes.bfloat16)
+    return optcore.Adam([(p, g)], lr=1e-3, model_copy=[copy]).step
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("size", list(SIZES))
 def test_adam_lowp(benchmark, size, impl):
     n = min(SIZES[size], SMOKE_MAX_ELEMENTS) if SMOKE else SIZES[size]
@@ -54,34 +100,10 @@ def test_adam_lowp(benchmark, size, impl):
     if torch is not None:
         torch.set_num_threads(2)
     try:
-        benchmark.extra_info.update(elements=n, bytes=BYTES[impl] * n, pattern=PATTERN[impl],
-                                    threads=2)
+        nbytes, pattern = IMPLS[impl]
+        benchmark.extra_info.update(elements=n, bytes=nbytes * n, pattern=pattern, threads=2)
         benchmark.pedantic(step, rounds=3 if SMOKE else 10, iterations=1, warmup_rounds=1)
     finally:
         optcore.set_num_threads(None)
         if torch is not None:
             torch.set_num_threads(before)
-
-
-# -- 16-bit parameters and gradients, master weights with a model copy ----------------------
-# ``optcore-bf16-params``: bf16 params and grads, bf16 state, stochastic rounding (2 + 2 + 2
-# bytes read, 2 + 2 + 2 written: 14 B/element, as torch fused on bf16 params);
-# ``optcore-master-bf16``: float32 params and state, bf16 grads, a bf16 model copy written in
-# the same sweep (8 + 2 + 16 + 2 = 28 B/element, as the plain float32 step). Appended to the
-# list test_adam_lowp is parametrized over (collection reads it after the module ran), so
-# they run side by side with the others.
-IMPLS.extend(["optcore-bf16-params", "optcore-master-bf16"])
-BYTES.update({"optcore-bf16-params": 14, "optcore-master-bf16": 28})
-
-
-def _param_stepper(impl, n):
-    import ml_dtypes
-
-    rng = np.random.default_rng(0)
-    p = rng.standard_normal(n, dtype=np.float32)
-    g = (rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)).astype(ml_dtypes.bfloat16)
-    if impl == "optcore-bf16-params":
-        return optcore.Adam([(p.astype(ml_dtypes.bfloat16), g)], lr=1e-3,
-                            state_dtype="bfloat16").step
-    copy = np.empty(n, ml_dtypes.bfloat16)
-    return optcore.Adam([(p, g)], lr=1e-3, model_copy=[copy]).step
