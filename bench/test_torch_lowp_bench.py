@@ -7,8 +7,10 @@ bf16 state), ``optcore.torch-fp32``, ``optcore.torch-bf16-state`` (``state_dtype
 ``optcore.torch-Adam8bit`` (8-bit block-wise state), ``optcore.torch-bf16-params`` (bf16
 params and grads, bf16 state, stochastic rounding) and ``optcore.torch-bf16-kahan`` (the same
 with ``compensation=True``), ``optcore.torch-master-copy`` (float32 masters and state, bf16
-gradients read from a bf16 model copy that the sweep rewrites, ``model_copy=``). ``extra_info`` records the bytes each step moves (params, grads,
-state, Kahan buffer) against the probe's Adam sweep bandwidth (``pattern="adam"``).
+gradients read from a bf16 model copy that the sweep rewrites, ``model_copy=``). ``extra_info``
+records the bytes each step moves (params, grads, state, Kahan buffer, copy) and the probe
+pattern of the same access pattern (``IMPLS``, as ``bench/test_lowp_bench.py``; the Kahan
+variant moves 18 B/element against ``adam_bf16all``'s 14, so its ``of_limit`` is indicative).
 ``OPTCORE_BENCH_SMOKE=1`` shrinks to 64k elements.
 """
 import pytest
@@ -21,11 +23,14 @@ torch = pytest.importorskip("torch")
 import optcore.torch as ot  # noqa: E402
 
 N = 1 << 24
-# bytes per element: parameter read + write, gradient read, each state buffer read + write
-BYTES = {"torch-fused-fp32": 28, "torch-fused-bf16": 14, "optcore.torch-fp32": 28,
-         "optcore.torch-bf16-state": 20, "optcore.torch-Adam8bit": 16 + 4 / 256,
-         "optcore.torch-bf16-params": 14, "optcore.torch-bf16-kahan": 18,
-         "optcore.torch-master-copy": 28}
+# bytes per element (parameter read + write, gradient read, each state buffer read + write,
+# the 8-bit scales, a copy written) and the probe pattern of that access pattern
+IMPLS = {"torch-fused-fp32": (28, "adam"), "torch-fused-bf16": (14, "adam_bf16all"),
+         "optcore.torch-fp32": (28, "adam"), "optcore.torch-bf16-state": (20, "adam_bf16"),
+         "optcore.torch-Adam8bit": (16 + 16 / 256, "adam_int8"),
+         "optcore.torch-bf16-params": (14, "adam_bf16all"),
+         "optcore.torch-bf16-kahan": (18, "adam_bf16all"),
+         "optcore.torch-master-copy": (28, "adam_copy")}
 _MAKE = {
     "torch-fused-fp32": (torch.float32, lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
     "torch-fused-bf16": (torch.bfloat16, lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)),
@@ -55,8 +60,9 @@ def test_torch_adam_lowp(benchmark, impl):
     try:
         opt.step()  # creates the state
         benchmark.group = "torch-adam-lowp-16M"
-        benchmark.extra_info.update(impl=impl, elements=n, bytes=BYTES[impl] * n,
-                                    pattern="adam", threads=2)
+        nbytes, pattern = IMPLS[impl]
+        benchmark.extra_info.update(impl=impl, elements=n, bytes=nbytes * n, pattern=pattern,
+                                    threads=2)
         benchmark.pedantic(opt.step, rounds=3 if SMOKE else 10, iterations=1, warmup_rounds=1)
     finally:
         optcore.set_num_threads(None)
