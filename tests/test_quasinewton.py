@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize as sp_minimize
 
@@ -213,6 +213,7 @@ def test_strong_wolfe_holds_at_every_accepted_step(cls, name, problem, maxiter):
 @given(a=st.floats(1e-2, 1e2), b=st.floats(-10, 10), c=st.floats(-10, 10),
        slope=st.floats(-10, -0.1), t0=st.floats(1e-2, 1e2),
        c1=st.floats(1e-5, 0.4), gap=st.floats(0.05, 0.55))
+@example(a=0.01, b=-10.0, c=0.0, slope=-0.25, t0=0.01, c1=0.03125, gap=0.0625)
 def test_line_search_finds_strong_wolfe_steps_on_quartics(a, b, c, slope, t0, c1, gap):
     # phi(t) = a t^4 + b t^3 + c t^2 + slope t: bounded below, phi'(0) = slope < 0, so steps
     # satisfying the strong Wolfe conditions exist (N&W lemma 3.1); the search must return one.
@@ -224,6 +225,17 @@ def test_line_search_finds_strong_wolfe_steps_on_quartics(a, b, c, slope, t0, c1
 
     def phi(t):
         return a * t**4 + b * t**3 + c * t**2 + slope * t, 4 * a * t**3 + 3 * b * t**2 + 2 * c * t + slope
+    # Keep the draws where float64 can see the acceptable steps around the global minimizer
+    # t*: over the interval |phi'| <= c2 |slope| (half-width w = c2 |slope| / phi''(t*)) phi
+    # must vary by more than its own rounding. Hypothesis found a = 0.01, b = -10, c = 0,
+    # slope = -0.25: t* = 750, w = 1e-6, a variation of 1e-8 against an ulp of 1.2e-7 of
+    # phi(t*) = -1.05e9.
+    roots = np.roots([4 * a, 3 * b, 2 * c, slope])
+    ts = [r.real for r in roots if abs(r.imag) < 1e-9 * max(1.0, abs(r)) and r.real > 0]
+    t_min = min(ts, key=lambda r: phi(r)[0])
+    curv = 12 * a * t_min**2 + 6 * b * t_min + 2 * c
+    w = c2 * abs(slope) / curv
+    assume(curv * w * w / 2 > 64 * np.finfo(float).eps * max(1.0, abs(phi(t_min)[0])))
     t, f, g, ok = Q._strong_wolfe(phi, 0.0, slope, t0, c1, c2, 40)
     assert ok
     assert t > 0 and (f, g) == phi(t)
