@@ -1,6 +1,7 @@
 """Benchmarks: gradient norms, global-norm clipping, and Adam + clipping in one step.
 
-Run with ``pytest bench/test_clip_bench.py --benchmark-only``; each ``group`` holds optcore
+Run with ``pytest bench/test_clip_bench.py --benchmark-only``; each ``group`` holds optcore (on
+float32 gradients, and on bfloat16 ones in the ``-bf16-`` groups)
 beside NumPy and (when installed) torch baselines on the same data. ``extra_info`` records
 ``elements``, ``bytes`` (moved per call by optcore's passes), ``pattern`` ("sumsq" or
 "adam"), ``threads`` and ``isa``; GB/s = bytes / time. ``OPTCORE_BENCH_SMOKE=1`` shrinks
@@ -193,3 +194,68 @@ def test_adam_clip_torch_fused(benchmark, case):
     benchmark.group = f"adam-clip-{case}"
     info(benchmark, [p.grad for p in ps], 40, "adam")
     run(benchmark, step)
+
+
+# ---- bfloat16 gradients (read widened in L1; clipping rounds back to nearest) ----------------
+# 2 bytes per element per pass; the probe's "sumsq" pattern reads 4, so of_limit is the share
+# of the float32 norm pass's bandwidth, not of a 16-bit roofline.
+
+
+def make_bf16_grads(shapes):
+    import ml_dtypes
+
+    return [a.astype(ml_dtypes.bfloat16) for a in make_grads(shapes)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_norm_bf16_optcore(benchmark, case):
+    g = make_bf16_grads(CASES[case])
+    benchmark.group = f"global-norm-bf16-{case}"
+    info(benchmark, g, 2, "sumsq")
+    run(benchmark, clip.global_norm, g)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_norm_bf16_numpy_loop(benchmark, case):
+    g = [a.reshape(-1) for a in make_bf16_grads(CASES[case])]
+    benchmark.group = f"global-norm-bf16-{case}"
+    info(benchmark, g, 2, "sumsq")
+
+    def norm():
+        total = 0.0
+        for a in g:
+            w = a.astype(np.float32)
+            total += float(np.dot(w, w))
+        return math.sqrt(total)
+
+    run(benchmark, norm)
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+@pytest.mark.parametrize("case", list(CASES))
+def test_norm_bf16_torch_foreach(benchmark, case):
+    g = [torch.from_numpy(a).to(torch.bfloat16) for a in make_grads(CASES[case])]
+    benchmark.group = f"global-norm-bf16-{case}"
+    info(benchmark, g, 2, "sumsq")
+    run(benchmark, torch.nn.utils.get_total_norm, g, norm_type=2.0, foreach=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_clip_bf16_optcore(benchmark, case):
+    g = make_bf16_grads(CASES[case])
+    benchmark.group = f"clip-global-norm-bf16-{case}"
+    info(benchmark, g, 6, "sumsq")
+    run(benchmark, clip.clip_by_global_norm_, g, 1e-3)
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+@pytest.mark.parametrize("case", list(CASES))
+def test_clip_bf16_torch_foreach(benchmark, case):
+    ps = []
+    for a in make_grads(CASES[case]):
+        p = torch.empty(a.shape, dtype=torch.bfloat16)
+        p.grad = torch.from_numpy(a).to(torch.bfloat16)
+        ps.append(p)
+    benchmark.group = f"clip-global-norm-bf16-{case}"
+    info(benchmark, [p.grad for p in ps], 6, "sumsq")
+    run(benchmark, torch.nn.utils.clip_grad_norm_, ps, 1e-3, foreach=True)

@@ -137,8 +137,10 @@ def _table(name, x, *, writeable):
         arrays = ck.array_list(name, x, writeable=writeable, dtypes=_DTYPES)
         kinds = _lowp.formats(arrays)
         arrays = [_lowp.kernel_view(a) for a in arrays]
-        addr = np.array([a.__array_interface__["data"][0] for a in arrays], dtype=np.uint64)
-        size = np.array([a.nbytes for a in arrays], dtype=np.int64)
+        addr = size = None  # read-only: the overlap check below is all they are for
+        if writeable:
+            addr = np.array([a.__array_interface__["data"][0] for a in arrays], dtype=np.uint64)
+            size = np.array([a.nbytes for a in arrays], dtype=np.int64)
     if writeable:
         _no_overlap([name], [addr], [size])
     tl = TensorList([arrays])
