@@ -67,9 +67,27 @@ CASES = cases()
 ADAM_CASES = [k for k in CASES if k != "flat-64M"]  # 64M Adam state does not fit beside torch's
 
 
-def make_grads(shapes, seed=0):
+def make_grads(shapes, seed=0, dtype="float32"):
+    """Standard normal gradients, float32 or rounded to ``dtype`` (bfloat16: ml_dtypes)."""
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    g = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        g = [a.astype(ml_dtypes.bfloat16) for a in g]
+    return g
+
+
+# The norm and clipping groups run on float32 gradients and on bfloat16 ones (``-bf16-``
+# groups: read widened in L1, clipping rounds back to nearest). A bfloat16 pass moves 2 bytes
+# per element while the probe's "sumsq" pattern reads 4, so its of_limit is the share of the
+# float32 norm pass's bandwidth, not of a 16-bit roofline.
+DTYPES = {"float32": ("", 4), "bfloat16": ("-bf16", 2)}
+
+
+def torch_grads(arrays, dtype):
+    g = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in arrays]
+    return g if dtype == "float32" else [t.to(torch.bfloat16) for t in g]
 
 
 def info(benchmark, arrays, bytes_per_element, pattern):
@@ -91,11 +109,13 @@ def run(benchmark, fn, *args, **kwargs):
 # ---- global norm -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_norm_optcore(benchmark, case):
-    g = make_grads(CASES[case])
-    benchmark.group = f"global-norm-{case}"
-    info(benchmark, g, 4, "sumsq")
+def test_norm_optcore(benchmark, case, dtype):
+    g = make_grads(CASES[case], dtype=dtype)
+    suffix, size = DTYPES[dtype]
+    benchmark.group = f"global-norm{suffix}-{case}"
+    info(benchmark, g, size, "sumsq")
     run(benchmark, clip.global_norm, g)
 
 
@@ -109,32 +129,46 @@ def test_norm_optcore_arena(benchmark, case):
     run(benchmark, clip.global_norm, params.grads)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_norm_numpy_loop(benchmark, case):
-    g = make_grads(CASES[case])
-    benchmark.group = f"global-norm-{case}"
-    info(benchmark, g, 4, "sumsq")
+def test_norm_numpy_loop(benchmark, case, dtype):
+    g = make_grads(CASES[case], dtype=dtype)
+    suffix, size = DTYPES[dtype]
+    benchmark.group = f"global-norm{suffix}-{case}"
+    info(benchmark, g, size, "sumsq")
     flat = [a.reshape(-1) for a in g]
-    run(benchmark, lambda: math.sqrt(sum(float(np.dot(a, a)) for a in flat)))
+
+    def norm():
+        total = 0.0
+        for a in flat:
+            w = a.astype(np.float32, copy=False)
+            total += float(np.dot(w, w))
+        return math.sqrt(total)
+
+    run(benchmark, norm)
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed")
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_norm_torch_foreach(benchmark, case):
-    g = [torch.from_numpy(a) for a in make_grads(CASES[case])]
-    benchmark.group = f"global-norm-{case}"
-    info(benchmark, g, 4, "sumsq")
+def test_norm_torch_foreach(benchmark, case, dtype):
+    g = torch_grads(make_grads(CASES[case]), dtype)
+    suffix, size = DTYPES[dtype]
+    benchmark.group = f"global-norm{suffix}-{case}"
+    info(benchmark, g, size, "sumsq")
     run(benchmark, torch.nn.utils.get_total_norm, g, norm_type=2.0, foreach=True)
 
 
 # ---- global-norm clipping (norm pass + scaling pass) ---------------------------------------
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_clip_optcore(benchmark, case):
-    g = make_grads(CASES[case])
-    benchmark.group = f"clip-global-norm-{case}"
-    info(benchmark, g, 12, "sumsq")
+def test_clip_optcore(benchmark, case, dtype):
+    g = make_grads(CASES[case], dtype=dtype)
+    suffix, size = DTYPES[dtype]
+    benchmark.group = f"clip-global-norm{suffix}-{case}"
+    info(benchmark, g, 3 * size, "sumsq")
     run(benchmark, clip.clip_by_global_norm_, g, 1e-3)
 
 
@@ -149,15 +183,17 @@ def test_clip_optcore_arena(benchmark, case):
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed")
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_clip_torch_foreach(benchmark, case):
+def test_clip_torch_foreach(benchmark, case, dtype):
     ps = []
-    for a in make_grads(CASES[case]):
-        p = torch.empty(a.shape)
-        p.grad = torch.from_numpy(a)
+    for g in torch_grads(make_grads(CASES[case]), dtype):
+        p = torch.empty(g.shape, dtype=g.dtype)
+        p.grad = g
         ps.append(p)
-    benchmark.group = f"clip-global-norm-{case}"
-    info(benchmark, [p.grad for p in ps], 12, "sumsq")
+    suffix, size = DTYPES[dtype]
+    benchmark.group = f"clip-global-norm{suffix}-{case}"
+    info(benchmark, [p.grad for p in ps], 3 * size, "sumsq")
     run(benchmark, torch.nn.utils.clip_grad_norm_, ps, 1e-3, foreach=True)
 
 
@@ -195,67 +231,3 @@ def test_adam_clip_torch_fused(benchmark, case):
     info(benchmark, [p.grad for p in ps], 40, "adam")
     run(benchmark, step)
 
-
-# ---- bfloat16 gradients (read widened in L1; clipping rounds back to nearest) ----------------
-# 2 bytes per element per pass; the probe's "sumsq" pattern reads 4, so of_limit is the share
-# of the float32 norm pass's bandwidth, not of a 16-bit roofline.
-
-
-def make_bf16_grads(shapes):
-    import ml_dtypes
-
-    return [a.astype(ml_dtypes.bfloat16) for a in make_grads(shapes)]
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_norm_bf16_optcore(benchmark, case):
-    g = make_bf16_grads(CASES[case])
-    benchmark.group = f"global-norm-bf16-{case}"
-    info(benchmark, g, 2, "sumsq")
-    run(benchmark, clip.global_norm, g)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_norm_bf16_numpy_loop(benchmark, case):
-    g = [a.reshape(-1) for a in make_bf16_grads(CASES[case])]
-    benchmark.group = f"global-norm-bf16-{case}"
-    info(benchmark, g, 2, "sumsq")
-
-    def norm():
-        total = 0.0
-        for a in g:
-            w = a.astype(np.float32)
-            total += float(np.dot(w, w))
-        return math.sqrt(total)
-
-    run(benchmark, norm)
-
-
-@pytest.mark.skipif(torch is None, reason="torch not installed")
-@pytest.mark.parametrize("case", list(CASES))
-def test_norm_bf16_torch_foreach(benchmark, case):
-    g = [torch.from_numpy(a).to(torch.bfloat16) for a in make_grads(CASES[case])]
-    benchmark.group = f"global-norm-bf16-{case}"
-    info(benchmark, g, 2, "sumsq")
-    run(benchmark, torch.nn.utils.get_total_norm, g, norm_type=2.0, foreach=True)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_clip_bf16_optcore(benchmark, case):
-    g = make_bf16_grads(CASES[case])
-    benchmark.group = f"clip-global-norm-bf16-{case}"
-    info(benchmark, g, 6, "sumsq")
-    run(benchmark, clip.clip_by_global_norm_, g, 1e-3)
-
-
-@pytest.mark.skipif(torch is None, reason="torch not installed")
-@pytest.mark.parametrize("case", list(CASES))
-def test_clip_bf16_torch_foreach(benchmark, case):
-    ps = []
-    for a in make_grads(CASES[case]):
-        p = torch.empty(a.shape, dtype=torch.bfloat16)
-        p.grad = torch.from_numpy(a).to(torch.bfloat16)
-        ps.append(p)
-    benchmark.group = f"clip-global-norm-bf16-{case}"
-    info(benchmark, [p.grad for p in ps], 6, "sumsq")
-    run(benchmark, torch.nn.utils.clip_grad_norm_, ps, 1e-3, foreach=True)
