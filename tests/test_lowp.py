@@ -192,6 +192,70 @@ def test_half_conversions_refuse_other_kinds():
         _optim.half_encode(np.zeros(2, np.float32), np.zeros(2, np.uint16), _optim.Q8S)
 
 
+@pytest.fixture
+def portable_and_simd():
+    """Runs a callable with the 8-bit loops' AVX-512 versions on, then off (the portable
+    loops), and restores the setting; skips on CPUs without AVX-512F."""
+    if not _optim.q8_simd():
+        pytest.skip("this CPU has no AVX-512F: only the portable 8-bit loops exist here")
+
+    def both(fn):
+        try:
+            _optim.q8_simd(True)
+            simd = fn()
+            _optim.q8_simd(False)
+            return simd, fn()
+        finally:
+            _optim.q8_simd(True)
+    return both
+
+
+def test_simd_encoder_and_decoder_are_bitwise_the_portable_ones(portable_and_simd):
+    """The AVX-512 block loops look the level up from the exponent and the code by permutes;
+    they must give the portable loops' bytes, absmax and decoded values exactly: on random bit
+    patterns (every exponent, NaN, inf, subnormals), on both neighbours of every midpoint
+    between codes (the rounding decisions) and on blocks spanning every magnitude."""
+    rng = np.random.default_rng(5)
+    xs = [rng.integers(0, 2**32, 1 << 18, dtype=np.uint64).astype(np.uint32).view(np.float32),
+          (rng.standard_normal(1 << 16) * 2.0 ** rng.integers(-140, 100, 1 << 16)).astype(np.float32)]
+    for signed in (True, False):
+        v = np.unique(np.abs(_optim.q8_code(signed).astype(np.float64)))
+        mid = ((v[1:] + v[:-1]) / 2).astype(np.float32)
+        near = np.concatenate([mid, np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(2))])
+        near = np.resize(near, (-(-near.size // 255), 255))
+        xs.append(np.concatenate([np.ones((near.shape[0], 1), np.float32), near], 1).ravel())
+    for x in xs:
+        for signed in (True, False):
+            xx = x if signed else np.abs(x)
+            simd, portable = portable_and_simd(lambda: (*roundtrip(xx, signed), codes_of(xx, signed)))
+            for a, b in zip(simd, portable):
+                assert a.tobytes() == b.tobytes()
+
+
+def codes_of(x, signed):
+    codes = np.empty(x.size, np.uint8)
+    _optim.q8_quantize(x, codes, np.empty(_lowp.blocks(x.size), np.float32), signed)
+    return codes
+
+
+@pytest.mark.parametrize("cls,hyper", ALL)
+def test_simd_int8_steps_are_bitwise_the_portable_ones(cls, hyper, portable_and_simd):
+    """Whole 8-bit steps (the fused Adam block loop included) with the AVX-512 loops and with
+    the portable ones: same parameters and state bytes, on a tensor whose last block is
+    partial (portable there in both runs) and gradients with NaN and inf."""
+    def steps():
+        opt, ps, gs = make(cls, hyper, "int8", n=70001, small=3000, min_8bit_size=2048)
+        run(opt, ps, gs, 2)
+        gs[0][[5, 700, 69999]] = [np.nan, np.inf, -np.inf]
+        opt.step()
+        run(opt, ps, gs, 2)
+        sd = opt.state_dict()
+        return [p.copy() for p in ps] + [np.asarray(sd[k]) for k in sorted(sd) if ".state." in k]
+    simd, portable = portable_and_simd(steps)
+    for a, b in zip(simd, portable):
+        assert a.tobytes() == b.tobytes()
+
+
 def grads_for(p, step):
     return (np.sin(p * 3.0 + step) + 0.1 * np.cos(np.arange(p.size) + step)).astype(np.float32)
 

@@ -53,6 +53,7 @@ cdef extern from "oc_lowp.h" nogil:
         float value[256]
     oc_q8_code oc_q8_codes[2]
     void oc_q8_init()
+    int oc_q8_simd
     uint32_t oc_rng_key(uint32_t seed, uint32_t step)
     uint32_t oc_rng_base(uint32_t key, int64_t tensor, int slot)
     ctypedef struct oc_lp_slot:
@@ -67,10 +68,21 @@ cdef extern from "oc_lowp.h" nogil:
     void oc_lp_load(float *dst, const oc_lp_slot *s, int64_t off, int64_t n)
 
 oc_q8_init()
+_Q8_SIMD_CPU = bool(oc_q8_simd)
 
 # Element formats of a slot (TensorList.set_slot_format).
 F32, BF16, Q8S, Q8U, F16 = OC_F32, OC_BF16, OC_Q8S, OC_Q8U, OC_F16
 Q8_BLOCK = OC_Q8_BLOCK
+
+
+def q8_simd(enabled=None):
+    """Whether the 8-bit loops run their AVX-512 versions (full blocks, on CPUs with
+    AVX-512F); ``enabled`` switches them (off: the portable loops, same results), for tests."""
+    global oc_q8_simd
+    was = bool(oc_q8_simd)
+    if enabled is not None:
+        oc_q8_simd = 1 if enabled and _Q8_SIMD_CPU else 0
+    return was
 
 
 def q8_code(bint signed):

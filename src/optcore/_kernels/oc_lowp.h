@@ -72,6 +72,8 @@ enum { OC_F32 = 0, OC_BF16 = 1, OC_Q8S = 2, OC_Q8U = 3, OC_F16 = 4 };
 #define OC_Q8_BLOCK 256
 #define OC_Q8_LEVELS 7
 
+#include "oc_q8_simd.h"
+
 /* ---- bit casts and the hash -------------------------------------------------------------- */
 
 static inline __attribute__((always_inline)) uint32_t oc_bits(float x) {
@@ -268,6 +270,13 @@ static inline void oc_q8_init_one(oc_q8_code *q, int is_signed) {
 static inline void oc_q8_init(void) {
     oc_q8_init_one(&oc_q8_codes[0], 0);
     oc_q8_init_one(&oc_q8_codes[1], 1);
+#if OC_X86_DISPATCH
+    for (int s = 0; s < 2; s++)
+        oc_q8_simd_init_one(&oc_q8_simd_tab[s], oc_q8_codes[s].bound, oc_q8_codes[s].mul,
+                            oc_q8_codes[s].k);
+    __builtin_cpu_init();
+    oc_q8_simd = __builtin_cpu_supports("avx512f");
+#endif
 }
 
 /* The code u = K + j (0..K_max - 1 of the magnitude, before sign and specials) of a = |x| /
@@ -310,6 +319,13 @@ static inline __attribute__((always_inline)) int32_t oc_q8_level_code(float a, c
 static inline __attribute__((always_inline)) void
 oc_q8_block_store(uint8_t *OC_RESTRICT dst, float *OC_RESTRICT absmax,
                   const float *OC_RESTRICT src, int64_t n, int is_signed) {
+#if OC_X86_DISPATCH
+    if (n == OC_Q8_BLOCK && oc_q8_simd) {
+        oc_q8_simd_block_store(dst, absmax, src, is_signed, oc_q8_codes[is_signed].lo,
+                               oc_q8_codes[is_signed].hi);
+        return;
+    }
+#endif
     const oc_q8_enc e = oc_q8_enc_of(&oc_q8_codes[is_signed]);
     int32_t code[OC_Q8_BLOCK] __attribute__((aligned(64)));
     /* |x| as bits: unsigned order is float order, and NaN sorts above inf */
@@ -347,6 +363,12 @@ static inline __attribute__((always_inline)) void
 oc_q8_block_load(float *OC_RESTRICT dst, const uint8_t *OC_RESTRICT src, float absmax, int64_t n,
                  int is_signed) {
     const float *v = oc_q8_codes[is_signed].value;
+#if OC_X86_DISPATCH
+    if (n == OC_Q8_BLOCK && oc_q8_simd) {
+        oc_q8_simd_block_load(dst, src, absmax, v);
+        return;
+    }
+#endif
     for (int64_t i = 0; i < n; i++) dst[i] = v[src[i]] * absmax;
 }
 

@@ -235,6 +235,34 @@ oc_adam_q8_loop(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRI
     }
 }
 
+#if OC_X86_DISPATCH
+/* The decoding, Adam update and parameter step of oc_adam_q8_loop over one full block. */
+static OC_AVX512 __attribute__((noinline)) void
+oc_q8_simd_adam_block(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                      const uint8_t *OC_RESTRICT mq, const uint8_t *OC_RESTRICT vq, float am,
+                      float av, float *OC_RESTRICT mf, float *OC_RESTRICT vf, const float *cm,
+                      const float *cv) {
+    const __m512 ss = _mm512_set1_ps(h->step_size), b1 = _mm512_set1_ps(h->beta1);
+    const __m512 b1c = _mm512_set1_ps(h->beta1_c), b2 = _mm512_set1_ps(h->beta2);
+    const __m512 b2c = _mm512_set1_ps(h->beta2_c), bc2s = _mm512_set1_ps(h->bc2_sqrt);
+    const __m512 eps = _mm512_set1_ps(h->eps);
+    const __m512 vam = _mm512_set1_ps(am), vav = _mm512_set1_ps(av);
+    for (int j = 0; j < OC_Q8_BLOCK; j += 16) {
+        const __m512 gj = _mm512_loadu_ps(g + j);
+        const __m512 mi = _mm512_add_ps(_mm512_mul_ps(b1, oc_q8_simd_decode(cm, mq + j, vam)),
+                                        _mm512_mul_ps(b1c, gj));
+        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(b2, oc_q8_simd_decode(cv, vq + j, vav)),
+                                        _mm512_mul_ps(b2c, _mm512_mul_ps(gj, gj)));
+        _mm512_storeu_ps(mf + j, mi);
+        _mm512_storeu_ps(vf + j, vi);
+        const __m512 d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2s), eps);
+        _mm512_storeu_ps(p + j, _mm512_sub_ps(_mm512_loadu_ps(p + j),
+                                              _mm512_mul_ps(ss, _mm512_div_ps(mi, d))));
+    }
+}
+
+#endif
+
 static inline __attribute__((always_inline)) int
 oc_adam_lp_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
                  const oc_lp_slot *S, int64_t i, int64_t n, int64_t first) {
@@ -251,6 +279,12 @@ oc_adam_lp_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTR
             const int64_t k = n - b < OC_Q8_BLOCK ? n - b : OC_Q8_BLOCK;
             const int64_t blk = (i + b) / OC_Q8_BLOCK;
             uint8_t *mq = (uint8_t *)S[3].data + i + b, *vq = (uint8_t *)S[4].data + i + b;
+#if OC_X86_DISPATCH
+            if (k == OC_Q8_BLOCK && oc_q8_simd)
+                oc_q8_simd_adam_block(h, g + b, p + b, mq, vq, S[3].absmax[blk], S[4].absmax[blk],
+                                      mf, vf, oc_q8_codes[1].value, oc_q8_codes[0].value);
+            else
+#endif
             oc_adam_q8_loop(h, g + b, p + b, mq, vq, S[3].absmax[blk], S[4].absmax[blk], mf, vf, k);
             oc_q8_block_store(mq, S[3].absmax + blk, mf, k, 1);
             oc_q8_block_store(vq, S[4].absmax + blk, vf, k, 0);
