@@ -45,8 +45,9 @@ def test_code_is_the_dynamic_map(signed):
     code = _optim.q8_code(signed).astype(np.float64)
     ref = dynamic_map(signed)
     assert ref.size == 256 and np.unique(code).size == 256
-    # the kernel's table is the float64 code rounded to float32: relative error <= 2^-24
-    np.testing.assert_allclose(np.sort(code), ref, rtol=2.0**-24, atol=0)
+    # the kernel computes the code in float32 as fl(fl(s_i / (10 K)) * w), w exact (oc_lowp.h,
+    # oc_q8_magnitude): two roundings of 2^-24 relative each
+    np.testing.assert_allclose(np.sort(code), ref, rtol=2.0**-23, atol=0)
 
 
 def roundtrip(x, signed):

@@ -72,8 +72,6 @@ enum { OC_F32 = 0, OC_BF16 = 1, OC_Q8S = 2, OC_Q8U = 3, OC_F16 = 4 };
 #define OC_Q8_BLOCK 256
 #define OC_Q8_LEVELS 7
 
-#include "oc_q8_simd.h"
-
 /* ---- bit casts and the hash -------------------------------------------------------------- */
 
 static inline __attribute__((always_inline)) uint32_t oc_bits(float x) {
@@ -224,9 +222,10 @@ oc_f16_store_sr(uint16_t *OC_RESTRICT dst, const float *OC_RESTRICT src, int64_t
 
 /* ---- 8-bit dynamic code ------------------------------------------------------------------ */
 
-/* Constants of one code (filled once by oc_q8_init, from float64 arithmetic). */
+/* Constants of one code (filled once by oc_q8_init). */
 typedef struct {
     float value[256];            /* the code: value of each byte, in [-1, 1] */
+    float dec_d[16], dec_e[16];  /* the values by arithmetic (oc_q8_magnitude) */
     float lo;                    /* |a| below: code 0 */
     float hi;                    /* |a| at or above: the one code (or the top level) */
     float bound[OC_Q8_LEVELS];   /* bound[i]: |a| at or above is level i or higher (bound[0] unused) */
@@ -236,6 +235,22 @@ typedef struct {
 
 static oc_q8_code oc_q8_codes[2];  /* [0] unsigned, [1] signed */
 
+/* The value of magnitude u (0..127 signed, 0..255 unsigned) in float32 arithmetic: in level i
+ * (u = K + j, K = K_i) the value s_i (0.1 + 0.9 (j + 1/2) / K) is s_i / (10 K) (9 (u + 1/2) - 8 K),
+ * and 9 (u + 1/2) - 8 K is exact in float32, so it is dec_d[t] * (9 f - dec_e[t]) with f = u + 1/2,
+ * one rounding of a product with the constant fl(s_i / (10 K)) (within 2^-23 relative of the
+ * float64 value). The level is the exponent of f, whose low 4 bits t index the tables: f in
+ * [K, 2K) for u in level i, 1/2 (t = 14, d = 0) for u = 0, and 3/2 (t = 15) for the unsigned
+ * code's 1.0 at u = 1 (d = 1, e = 12.5). The table `value` is built from it, so that the table
+ * lookups and the AVX-512 decoder (oc_q8_simd.h) give the same bits. */
+static inline __attribute__((always_inline)) float oc_q8_magnitude(const oc_q8_code *q, uint32_t u) {
+    const float f = (float)u + 0.5f;
+    const uint32_t t = (oc_bits(f) >> 23) & 15u;
+    return q->dec_d[t] * (9.0f * f - q->dec_e[t]);
+}
+
+#include "oc_q8_simd.h"
+
 static inline double oc_q8_level_value(int i, int64_t k, int64_t j) {
     static const double scale[OC_Q8_LEVELS] = {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0};
     return scale[i] * (0.1 + 0.9 * ((double)j + 0.5) / (double)k);
@@ -243,16 +258,25 @@ static inline double oc_q8_level_value(int i, int64_t k, int64_t j) {
 
 static inline void oc_q8_init_one(oc_q8_code *q, int is_signed) {
     static const double scale[OC_Q8_LEVELS] = {1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0};
-    for (int b = 0; b < 256; b++) q->value[b] = 0.0f;
+    for (int t = 0; t < 16; t++) q->dec_d[t] = q->dec_e[t] = 0.0f;
+    q->dec_d[15] = 1.0f;  /* u = 1 unsigned: 9 * 1.5 - 12.5 = 1 (signed: level 0 below) */
+    q->dec_e[15] = 12.5f;
     for (int i = 0; i < OC_Q8_LEVELS; i++) {
         int64_t k = is_signed ? ((int64_t)1 << i) : ((int64_t)2 << i);
         q->k[i] = (int32_t)k;
         q->mul[i] = (float)((double)k / (0.9 * scale[i]));
-        for (int64_t j = 0; j < k; j++) {
-            float v = (float)oc_q8_level_value(i, k, j);
-            q->value[k + j] = v;
-            if (is_signed) q->value[0x80 | (k + j)] = -v;
-        }
+        const int t = (int)((oc_bits((float)k + 0.5f) >> 23) & 15u);
+        q->dec_d[t] = (float)(scale[i] / (10.0 * (double)k));
+        q->dec_e[t] = (float)(8 * k);
+    }
+    for (int b = 0; b < 256; b++) q->value[b] = 0.0f;
+    for (uint32_t u = is_signed ? 1u : 2u; u < (is_signed ? 128u : 256u); u++) {
+        const float v = oc_q8_magnitude(q, u);
+        q->value[u] = v;
+        if (is_signed) q->value[0x80 | u] = -v;
+    }
+    for (int i = 0; i < OC_Q8_LEVELS; i++) {
+        int64_t k = q->k[i];
         if (i > 0) {
             int64_t kp = is_signed ? ((int64_t)1 << (i - 1)) : ((int64_t)2 << (i - 1));
             q->bound[i] = (float)(0.5 * (oc_q8_level_value(i - 1, kp, kp - 1)
@@ -272,10 +296,11 @@ static inline void oc_q8_init(void) {
     oc_q8_init_one(&oc_q8_codes[1], 1);
 #if OC_X86_DISPATCH
     for (int s = 0; s < 2; s++)
-        oc_q8_simd_init_one(&oc_q8_simd_tab[s], oc_q8_codes[s].bound, oc_q8_codes[s].mul,
-                            oc_q8_codes[s].k);
+        oc_q8_simd_init_one(&oc_q8_simd_tab[s], &oc_q8_codes[s]);
     __builtin_cpu_init();
     oc_q8_simd = __builtin_cpu_supports("avx512f");
+#else
+    oc_q8_simd = 0;
 #endif
 }
 
@@ -321,8 +346,7 @@ oc_q8_block_store(uint8_t *OC_RESTRICT dst, float *OC_RESTRICT absmax,
                   const float *OC_RESTRICT src, int64_t n, int is_signed) {
 #if OC_X86_DISPATCH
     if (n == OC_Q8_BLOCK && oc_q8_simd) {
-        oc_q8_simd_block_store(dst, absmax, src, is_signed, oc_q8_codes[is_signed].lo,
-                               oc_q8_codes[is_signed].hi);
+        oc_q8_simd_block_store(dst, absmax, src, is_signed);
         return;
     }
 #endif
@@ -365,7 +389,7 @@ oc_q8_block_load(float *OC_RESTRICT dst, const uint8_t *OC_RESTRICT src, float a
     const float *v = oc_q8_codes[is_signed].value;
 #if OC_X86_DISPATCH
     if (n == OC_Q8_BLOCK && oc_q8_simd) {
-        oc_q8_simd_block_load(dst, src, absmax, v);
+        oc_q8_simd_block_load(dst, src, absmax, is_signed);
         return;
     }
 #endif

@@ -29,6 +29,8 @@
 #include "oc_common.h"
 #include "oc_lowp.h"
 
+enum { OC_SLOT_COPY = 6, OC_SLOT_COMP = 7 };
+
 typedef struct {
     float scale;               /* gradient multiplier: grad_scale, negated for maximize */
     const float *tensor_scale; /* per-tensor multiplier (ntensors entries) or NULL */
@@ -236,31 +238,83 @@ oc_adam_q8_loop(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRI
 }
 
 #if OC_X86_DISPATCH
-/* The decoding, Adam update and parameter step of oc_adam_q8_loop over one full block. */
-static OC_AVX512 __attribute__((noinline)) void
-oc_q8_simd_adam_block(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
-                      const uint8_t *OC_RESTRICT mq, const uint8_t *OC_RESTRICT vq, float am,
-                      float av, float *OC_RESTRICT mf, float *OC_RESTRICT vf, const float *cm,
-                      const float *cv) {
-    const __m512 ss = _mm512_set1_ps(h->step_size), b1 = _mm512_set1_ps(h->beta1);
-    const __m512 b1c = _mm512_set1_ps(h->beta1_c), b2 = _mm512_set1_ps(h->beta2);
-    const __m512 b2c = _mm512_set1_ps(h->beta2_c), bc2s = _mm512_set1_ps(h->bc2_sqrt);
-    const __m512 eps = _mm512_set1_ps(h->eps);
-    const __m512 vam = _mm512_set1_ps(am), vav = _mm512_set1_ps(av);
-    for (int j = 0; j < OC_Q8_BLOCK; j += 16) {
-        const __m512 gj = _mm512_loadu_ps(g + j);
-        const __m512 mi = _mm512_add_ps(_mm512_mul_ps(b1, oc_q8_simd_decode(cm, mq + j, vam)),
-                                        _mm512_mul_ps(b1c, gj));
-        const __m512 vi = _mm512_add_ps(_mm512_mul_ps(b2, oc_q8_simd_decode(cv, vq + j, vav)),
-                                        _mm512_mul_ps(b2c, _mm512_mul_ps(gj, gj)));
-        _mm512_storeu_ps(mf + j, mi);
-        _mm512_storeu_ps(vf + j, vi);
-        const __m512 d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), bc2s), eps);
-        _mm512_storeu_ps(p + j, _mm512_sub_ps(_mm512_loadu_ps(p + j),
-                                              _mm512_mul_ps(ss, _mm512_div_ps(mi, d))));
+typedef struct { __m512 ss, b1, b1c, b2, b2c, bc2s, eps, decay; } oc_adam_v;
+
+/* Elements [j, j + 16) of one block of oc_adam_q8_loop (after the decoupled decay
+ * p *= decay when `decayed`): decoding, update, parameter step; the new moments go to mf and
+ * vf and into the block's running absmax bits. */
+OC_AVX512_INLINE void
+oc_q8_simd_adam16(const oc_adam_v *c, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                  const uint8_t *OC_RESTRICT mq, const uint8_t *OC_RESTRICT vq, __m512 am, __m512 av,
+                  float *OC_RESTRICT mf, float *OC_RESTRICT vf, __m512i *mbm, __m512i *mbv,
+                  int decayed) {
+    const __m512 gj = _mm512_loadu_ps(g);
+    const __m512 mi = _mm512_add_ps(_mm512_mul_ps(c->b1, oc_q8_simd_decode(&oc_q8_codes[1], mq, am, 1)),
+                                    _mm512_mul_ps(c->b1c, gj));
+    const __m512 vi = _mm512_add_ps(_mm512_mul_ps(c->b2, oc_q8_simd_decode(&oc_q8_codes[0], vq, av, 0)),
+                                    _mm512_mul_ps(c->b2c, _mm512_mul_ps(gj, gj)));
+    _mm512_store_ps(mf, mi);
+    _mm512_store_ps(vf, vi);
+    *mbm = oc_q8_simd_absmax(*mbm, mi);
+    *mbv = oc_q8_simd_absmax(*mbv, vi);
+    __m512 pj = _mm512_loadu_ps(p);
+    if (decayed) pj = _mm512_mul_ps(pj, c->decay);
+    const __m512 d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), c->bc2s), c->eps);
+    _mm512_storeu_ps(p, _mm512_sub_ps(pj, _mm512_mul_ps(c->ss, _mm512_div_ps(mi, d))));
+}
+
+/* Adam on nb full blocks of 8-bit m and v (absmax am, av per block), software-pipelined:
+ * the update of block b (bound by its divisions and square root) runs in one loop with the
+ * requantization of block b - 1, whose absmax is known once its update is done. */
+OC_AVX512_INLINE void
+oc_q8_simd_adam_pipe(const oc_adam_h *h, float decay, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                     uint8_t *OC_RESTRICT mq, uint8_t *OC_RESTRICT vq, float *OC_RESTRICT am,
+                     float *OC_RESTRICT av, int64_t nb, int decayed) {
+    float mf[2][OC_Q8_BLOCK] __attribute__((aligned(64)));
+    float vf[2][OC_Q8_BLOCK] __attribute__((aligned(64)));
+    const oc_adam_v c = {_mm512_set1_ps(h->step_size), _mm512_set1_ps(h->beta1),
+                         _mm512_set1_ps(h->beta1_c), _mm512_set1_ps(h->beta2),
+                         _mm512_set1_ps(h->beta2_c), _mm512_set1_ps(h->bc2_sqrt),
+                         _mm512_set1_ps(h->eps), _mm512_set1_ps(decay)};
+    __m512i mbm = _mm512_setzero_si512(), mbv = _mm512_setzero_si512();
+    {
+        const __m512 a = _mm512_set1_ps(am[0]), b = _mm512_set1_ps(av[0]);
+        for (int j = 0; j < OC_Q8_BLOCK; j += 16)
+            oc_q8_simd_adam16(&c, g + j, p + j, mq + j, vq + j, a, b, mf[0] + j, vf[0] + j,
+                              &mbm, &mbv, decayed);
+    }
+    for (int64_t b = 1; b <= nb; b++) {
+        const __m512 im = oc_q8_simd_finish_absmax(mbm, am + b - 1);
+        const __m512 iv = oc_q8_simd_finish_absmax(mbv, av + b - 1);
+        const float *pm = mf[(b - 1) & 1], *pv = vf[(b - 1) & 1];
+        uint8_t *qm = mq + (b - 1) * OC_Q8_BLOCK, *qv = vq + (b - 1) * OC_Q8_BLOCK;
+        if (b == nb) {
+            for (int j = 0; j < OC_Q8_BLOCK; j += 16) {
+                _mm_storeu_si128((__m128i *)(qm + j), oc_q8_simd_encode(_mm512_load_ps(pm + j), im, 1));
+                _mm_storeu_si128((__m128i *)(qv + j), oc_q8_simd_encode(_mm512_load_ps(pv + j), iv, 0));
+            }
+            break;
+        }
+        mbm = mbv = _mm512_setzero_si512();
+        const __m512 a = _mm512_set1_ps(am[b]), v = _mm512_set1_ps(av[b]);
+        const int64_t o = b * OC_Q8_BLOCK;
+        float *nm = mf[b & 1], *nv = vf[b & 1];
+        for (int j = 0; j < OC_Q8_BLOCK; j += 16) {
+            oc_q8_simd_adam16(&c, g + o + j, p + o + j, mq + o + j, vq + o + j, a, v, nm + j, nv + j,
+                              &mbm, &mbv, decayed);
+            _mm_storeu_si128((__m128i *)(qm + j), oc_q8_simd_encode(_mm512_load_ps(pm + j), im, 1));
+            _mm_storeu_si128((__m128i *)(qv + j), oc_q8_simd_encode(_mm512_load_ps(pv + j), iv, 0));
+        }
     }
 }
 
+static OC_AVX512 __attribute__((noinline)) void
+oc_q8_simd_adam_blocks(const oc_adam_h *h, float decay, const float *OC_RESTRICT g,
+                       float *OC_RESTRICT p, uint8_t *OC_RESTRICT mq, uint8_t *OC_RESTRICT vq,
+                       float *OC_RESTRICT am, float *OC_RESTRICT av, int64_t nb) {
+    if (decay != 1.0f) oc_q8_simd_adam_pipe(h, decay, g, p, mq, vq, am, av, nb, 1);
+    else oc_q8_simd_adam_pipe(h, decay, g, p, mq, vq, am, av, nb, 0);
+}
 #endif
 
 static inline __attribute__((always_inline)) int
@@ -275,16 +329,19 @@ oc_adam_lp_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTR
     if (S[3].kind == OC_Q8S && S[4].kind == OC_Q8U) {
         float mf[OC_Q8_BLOCK] __attribute__((aligned(64)));
         float vf[OC_Q8_BLOCK] __attribute__((aligned(64)));
-        for (int64_t b = 0; b < n; b += OC_Q8_BLOCK) {
+        int64_t b = 0;
+#if OC_X86_DISPATCH
+        if (oc_q8_simd && n >= OC_Q8_BLOCK) {
+            b = n / OC_Q8_BLOCK * OC_Q8_BLOCK;
+            oc_q8_simd_adam_blocks(h, 1.0f, g, p, (uint8_t *)S[3].data + i, (uint8_t *)S[4].data + i,
+                                   S[3].absmax + i / OC_Q8_BLOCK, S[4].absmax + i / OC_Q8_BLOCK,
+                                   b / OC_Q8_BLOCK);
+        }
+#endif
+        for (; b < n; b += OC_Q8_BLOCK) {
             const int64_t k = n - b < OC_Q8_BLOCK ? n - b : OC_Q8_BLOCK;
             const int64_t blk = (i + b) / OC_Q8_BLOCK;
             uint8_t *mq = (uint8_t *)S[3].data + i + b, *vq = (uint8_t *)S[4].data + i + b;
-#if OC_X86_DISPATCH
-            if (k == OC_Q8_BLOCK && oc_q8_simd)
-                oc_q8_simd_adam_block(h, g + b, p + b, mq, vq, S[3].absmax[blk], S[4].absmax[blk],
-                                      mf, vf, oc_q8_codes[1].value, oc_q8_codes[0].value);
-            else
-#endif
             oc_adam_q8_loop(h, g + b, p + b, mq, vq, S[3].absmax[blk], S[4].absmax[blk], mf, vf, k);
             oc_q8_block_store(mq, S[3].absmax + blk, mf, k, 1);
             oc_q8_block_store(vq, S[4].absmax + blk, vf, k, 0);
@@ -292,6 +349,31 @@ oc_adam_lp_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTR
         return 1;
     }
     return 0;
+}
+
+/* The whole chunk of n elements in one call, when its only low-precision slots are 8-bit m
+ * and v and nothing but AdamW's decoupled decay changes the gradient or the parameter: the
+ * pipelined block loop then spans the chunk. Returns the elements done (its full blocks; the
+ * tile loop does the rest), 0 when it does not apply. */
+static inline __attribute__((always_inline)) int64_t
+oc_adam_lp_whole(const oc_adam_h *h, const oc_gradopts *o, const oc_lp_slot *S, const float *acc,
+                 float s, int64_t n) {
+#if OC_X86_DISPATCH
+    if (!oc_q8_simd || S[3].kind != OC_Q8S || S[4].kind != OC_Q8U || S[5].data != NULL
+        || S[0].kind != OC_F32 || S[1].kind != OC_F32 || S[OC_SLOT_COPY].data != NULL
+        || acc != NULL || s != 1.0f || o->clamp < INFINITY || o->weight_decay != 0.0f
+        || o->l1_thresh > 0.0f)
+        return 0;
+    const int64_t nb = n / OC_Q8_BLOCK;
+    if (nb > 0)
+        oc_q8_simd_adam_blocks(h, o->decay, (const float *)S[1].data, (float *)S[0].data,
+                               (uint8_t *)S[3].data, (uint8_t *)S[4].data, S[3].absmax,
+                               S[4].absmax, nb);
+    return nb * OC_Q8_BLOCK;
+#else
+    (void)h; (void)o; (void)S; (void)acc; (void)s; (void)n;
+    return 0;
+#endif
 }
 
 typedef struct { float clr, beta1, beta1_c, beta2, eps; } oc_adamax_h;
@@ -329,8 +411,6 @@ oc_nadam_tile(const oc_nadam_h *h, const float *OC_RESTRICT g, float *OC_RESTRIC
 }
 
 /* ---- drivers: one parallel sweep over the chunks of the table ------------------------- */
-
-enum { OC_SLOT_COPY = 6, OC_SLOT_COMP = 7 };
 
 /* Whether every slot of chunk c is float32. */
 static inline int oc_chunk_all_f32(const oc_list *L, int64_t c) {
@@ -403,7 +483,11 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
  * operations, same bits as the tile path. */
 #define OC_NO_FUSED(h, g, p, S, i, n, first) 0
 
-#define OC_DEFINE_UPDATE(NAME, H_T, TILE, FUSED)                                        \
+/* WHOLE(h, o, S, acc, s, n): the elements [0, k) of the chunk done in one call before the tile
+ * loop (OC_NO_WHOLE: none). */
+#define OC_NO_WHOLE(h, o, S, acc, s, n) 0
+
+#define OC_DEFINE_UPDATE(NAME, H_T, TILE, FUSED, WHOLE)                                        \
     static inline __attribute__((always_inline)) void NAME##_chunk(                         \
         const oc_list *L, const oc_gradopts *o, const H_T *h, int64_t c) {                   \
         float gbuf[OC_TILE] __attribute__((aligned(64)));                                    \
@@ -438,7 +522,7 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
         const float *acc = oc_slot(L, 2, c);                                                 \
         const oc_lp_slot *P = &S[0], *K = &S[OC_SLOT_COMP], *MC = &S[OC_SLOT_COPY];          \
         oc_prefetch_next(L, c);                                                              \
-        for (int64_t i = 0; i < n; i += OC_TILE) {                                           \
+        for (int64_t i = WHOLE(h, o, S, acc, s, n); i < n; i += OC_TILE) {                   \
             const int64_t m = n - i < OC_TILE ? n - i : OC_TILE;                             \
             float *pt;                                                                        \
             if (K->data != NULL) {                                                            \
@@ -481,12 +565,12 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
                           else NAME##_lp_chunk(L, o, h, c));                                  \
     }
 
-OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile, OC_NO_FUSED)
-OC_DEFINE_UPDATE(oc_adagrad_run, oc_adagrad_h, oc_adagrad_tile, OC_NO_FUSED)
-OC_DEFINE_UPDATE(oc_rmsprop_run, oc_rmsprop_h, oc_rmsprop_tile, OC_NO_FUSED)
-OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile, oc_adam_lp_fused)
-OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile, OC_NO_FUSED)
-OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile, OC_NO_FUSED, OC_NO_WHOLE)
+OC_DEFINE_UPDATE(oc_adagrad_run, oc_adagrad_h, oc_adagrad_tile, OC_NO_FUSED, OC_NO_WHOLE)
+OC_DEFINE_UPDATE(oc_rmsprop_run, oc_rmsprop_h, oc_rmsprop_tile, OC_NO_FUSED, OC_NO_WHOLE)
+OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile, oc_adam_lp_fused, oc_adam_lp_whole)
+OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile, OC_NO_FUSED, OC_NO_WHOLE)
+OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile, OC_NO_FUSED, OC_NO_WHOLE)
 
 /* Set slot `s` of every tensor to `value` (zero_grad over a table of arrays): float32, or a
  * 16-bit slot (its format from the table) to `value` rounded to nearest. */
