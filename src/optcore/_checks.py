@@ -12,7 +12,8 @@ from optcore._kernels import _norms
 
 
 def float32_buffer(name, a, *, writeable=True):
-    """Check that ``a`` is a C-contiguous float32 ndarray (writeable when asked); return it."""
+    """Check that ``a`` is an aligned C-contiguous float32 ndarray in native byte order
+    (writeable when asked); return it."""
     return float_buffer(name, a, writeable=writeable, dtypes=("float32",))
 
 
@@ -22,13 +23,15 @@ HALF_DTYPES = ("bfloat16", "float16")
 
 
 def float_buffer(name, a, *, writeable=True, dtypes=("float32",) + HALF_DTYPES):
-    """Check that ``a`` is a C-contiguous ndarray of one of ``dtypes`` (NumPy dtype names;
-    writeable when asked); return it."""
+    """Check that ``a`` is an aligned C-contiguous ndarray of one of ``dtypes`` (NumPy dtype
+    names) in native byte order (writeable when asked); return it."""
     kinds = " or ".join(dtypes)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of {kinds}, got {type(a).__name__}")
     if a.dtype.name not in dtypes:
         raise TypeError(f"{name} must have dtype {kinds}, got {a.dtype}")
+    if not a.dtype.isnative:
+        raise TypeError(f"{name} must have dtype {kinds} in native byte order, got {a.dtype}")
     if not a.flags.c_contiguous:
         raise ValueError(
             f"{name} must be C-contiguous (got strides {a.strides} for shape {a.shape}); "
@@ -36,8 +39,6 @@ def float_buffer(name, a, *, writeable=True, dtypes=("float32",) + HALF_DTYPES):
         )
     if writeable and not a.flags.writeable:
         raise ValueError(f"{name} is read-only; it is updated in place and must be writeable")
-    if not a.dtype.isnative:
-        raise TypeError(f"{name} must have dtype {kinds} in native byte order, got {a.dtype}")
     if not a.flags.aligned:
         raise ValueError(
             f"{name} is not aligned to its {a.dtype.itemsize}-byte elements; optcore never "
