@@ -126,6 +126,16 @@ BAD_ENTRIES = {
 }
 
 
+def with_bad_entry(dtype, bad):
+    """A long list of ``dtype`` with bad entry ``bad`` at index 500, its copy, and the
+    exception and message the clipping functions raise for it."""
+    make, exc, message = BAD_ENTRIES[bad]
+    g, before = long_list(ALL[dtype])
+    g[500] = make(ALL[dtype])
+    before[500] = g[500].copy()
+    return g, before, exc, message
+
+
 def assert_unchanged(g, before):
     """Every entry holds the bytes of its copy taken before the call."""
     for a, b in zip(g, before):
@@ -138,10 +148,7 @@ def assert_unchanged(g, before):
 @pytest.mark.parametrize("bad", list(BAD_ENTRIES))
 @pytest.mark.parametrize("dtype", list(ALL))
 def test_clip_functions_refuse_a_bad_entry_of_a_long_list(dtype, bad):
-    make, exc, message = BAD_ENTRIES[bad]
-    g, before = long_list(ALL[dtype])
-    g[500] = make(ALL[dtype])
-    before[500] = g[500].copy()
+    g, before, exc, message = with_bad_entry(dtype, bad)
     calls = [lambda: clip.clip_by_global_norm_(g, 1e-3), lambda: clip.clip_by_norm_(g, 1e-3),
              lambda: clip.clip_by_value_(g, 1e-3), lambda: clip.clip_by_global_norm_(tuple(g), 0)]
     if bad != "read-only":  # reading a read-only gradient is fine
@@ -180,10 +187,7 @@ def test_clip_of_a_long_mixed_list_is_the_float32_result_rounded(dtype):
 @pytest.mark.parametrize("bad", [k for k in BAD_ENTRIES if k != "read-only"])
 @pytest.mark.parametrize("dtype", list(ALL))
 def test_accumulate_refuses_a_bad_gradient_of_a_long_list(dtype, bad):
-    make, exc, message = BAD_ENTRIES[bad]
-    g, g_before = long_list(ALL[dtype])
-    g[500] = make(ALL[dtype])
-    g_before[500] = g[500].copy()
+    g, g_before, exc, message = with_bad_entry(dtype, bad)
     acc = [np.full(7, 2.0, np.float32) for _ in g]
     acc_before = [a.copy() for a in acc]
     with pytest.raises(exc, match=message.replace("grads", "grad")):
