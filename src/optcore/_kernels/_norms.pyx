@@ -209,7 +209,8 @@ cdef inline int _format(cnp.ndarray a, bint half) except -2:
         return OC_BF16
     # A user-defined dtype (ml_dtypes registers bfloat16 at import): known by its name, as
     # optcore._checks knows it; its number is then fixed for the life of the process.
-    if _bf16_num < 0 and d.type_num >= NPY_USERDEF and d.itemsize == 2 and (<object> d).name == "bfloat16":
+    if (_bf16_num < 0 and d.type_num >= NPY_USERDEF and d.itemsize == 2
+            and (<object> d).name == "bfloat16"):
         _bf16_num = d.type_num
         return OC_BF16
     return -1
