@@ -8,9 +8,12 @@ from numbers import Real
 
 import numpy as np
 
+from optcore._kernels import _norms
+
 
 def float32_buffer(name, a, *, writeable=True):
-    """Check that ``a`` is a C-contiguous float32 ndarray (writeable when asked); return it."""
+    """Check that ``a`` is an aligned C-contiguous float32 ndarray in native byte order
+    (writeable when asked); return it."""
     return float_buffer(name, a, writeable=writeable, dtypes=("float32",))
 
 
@@ -20,13 +23,15 @@ HALF_DTYPES = ("bfloat16", "float16")
 
 
 def float_buffer(name, a, *, writeable=True, dtypes=("float32",) + HALF_DTYPES):
-    """Check that ``a`` is a C-contiguous ndarray of one of ``dtypes`` (NumPy dtype names;
-    writeable when asked); return it."""
+    """Check that ``a`` is an aligned C-contiguous ndarray of one of ``dtypes`` (NumPy dtype
+    names) in native byte order (writeable when asked); return it."""
     kinds = " or ".join(dtypes)
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray of {kinds}, got {type(a).__name__}")
     if a.dtype.name not in dtypes:
         raise TypeError(f"{name} must have dtype {kinds}, got {a.dtype}")
+    if not a.dtype.isnative:
+        raise TypeError(f"{name} must have dtype {kinds} in native byte order, got {a.dtype}")
     if not a.flags.c_contiguous:
         raise ValueError(
             f"{name} must be C-contiguous (got strides {a.strides} for shape {a.shape}); "
@@ -34,6 +39,11 @@ def float_buffer(name, a, *, writeable=True, dtypes=("float32",) + HALF_DTYPES):
         )
     if writeable and not a.flags.writeable:
         raise ValueError(f"{name} is read-only; it is updated in place and must be writeable")
+    if not a.flags.aligned:
+        raise ValueError(
+            f"{name} is not aligned to its {a.dtype.itemsize}-byte elements; optcore never "
+            "copies silently: pass a.copy() and copy back"
+        )
     return a
 
 
@@ -49,6 +59,27 @@ def array_list(name, x, *, writeable=True, dtypes=("float32",)):
         )
     return [float_buffer(f"{name}[{i}]", a, writeable=writeable, dtypes=dtypes)
             for i, a in enumerate(x)]
+
+
+def array_table(name, x, *, writeable=True, half=False):
+    """:func:`array_list` (float32, or with ``half`` also bfloat16 and float16) for building a
+    kernel table, with the addresses the table needs.
+
+    One loop in C checks every array (tens of ns each: the per-array Python of
+    :func:`float_buffer` dominated a call over a thousand small arrays); only a rejected array
+    goes through :func:`array_list`, which words the error. Returns ``(arrays, addresses,
+    lengths, nbytes, formats)``: the list of arrays, their data addresses (uint64), element
+    counts and sizes in bytes (int64), and their kernel formats (uint8 codes, see
+    ``optcore._lowp.FORMATS``) or None when all are float32.
+    """
+    arrays = [x] if isinstance(x, np.ndarray) else x
+    if isinstance(arrays, (list, tuple)):
+        addr, lengths, nbytes, formats, bad = _norms.buffers(arrays, writeable, half)
+        if bad < 0:
+            return list(arrays), addr, lengths, nbytes, formats
+    dtypes = ("float32",) + HALF_DTYPES if half else ("float32",)
+    array_list(name, x, writeable=writeable, dtypes=dtypes)
+    raise TypeError(f"{name}[{bad}] does not expose a C-contiguous {' or '.join(dtypes)} buffer")
 
 
 def same_sizes(reference_name, reference, name, arrays):
@@ -84,6 +115,21 @@ def first_overlap(start, end):
     if clash.size == 0:
         return None
     return int(order[clash[0]]), int(order[clash[0] + 1])
+
+
+def no_overlap_at(names, addrs, nbytes, *, bare_single=False):
+    """Vectorized :func:`no_overlap` over the address and size arrays of several arguments
+    (``names``: the argument of each array of ``addrs``/``nbytes``). An array is called
+    ``name[i]``, or ``name`` alone when ``bare_single`` and its argument holds one array (as
+    :func:`no_overlap` calls it)."""
+    start = np.concatenate(addrs).astype(np.uint64)
+    pair = first_overlap(start, start + np.concatenate(nbytes).astype(np.uint64))
+    if pair is not None:
+        label = np.concatenate([np.full(len(a), k) for k, a in enumerate(addrs)])
+        index = np.concatenate([np.arange(len(a)) for a in addrs])
+        a, b = (names[label[i]] if bare_single and len(addrs[label[i]]) == 1
+                else f"{names[label[i]]}[{index[i]}]" for i in pair)
+        raise ValueError(f"{a} and {b} share memory; each buffer must be distinct")
 
 
 def no_overlap(named_lists):

@@ -26,7 +26,6 @@ import weakref
 import numpy as np
 
 from optcore import _checks as ck
-from optcore import _lowp
 from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
 from optcore.params import Arena
@@ -44,9 +43,6 @@ __all__ = [
     "Value",
     "Adaptive",
 ]
-
-# What the functions taking gradient arrays accept (the fast path checks float32 only).
-_DTYPES = ("float32",) + ck.HALF_DTYPES
 
 EPS = 1e-6
 """Added to the norm in the clip factor, as ``torch.nn.utils.clip_grad_norm_`` does."""
@@ -71,42 +67,15 @@ def _label(name, x, i):
     return name if isinstance(x, np.ndarray) else f"{name}[{i}]"
 
 
-def _array_list(name, x, *, writeable):
-    """``optcore._checks.array_list`` with a fast path for long lists: the buffer protocol
-    checks every array (and gives its address) in ~0.1 us, and only a rejected array goes
-    through the full check that words the error. Returns (arrays, addresses, nbytes)."""
-    if isinstance(x, np.ndarray) or not isinstance(x, (list, tuple)):
-        arrays = ck.array_list(name, x, writeable=writeable)
-        addr, size, bad = _norms.buffers(arrays, writeable)
-        return arrays, addr, size
-    addr, size, bad = _norms.buffers(x, writeable)
-    if bad >= 0:
-        ck.array_list(name, x, writeable=writeable)
-        raise TypeError(f"{name}[{bad}] does not expose a C-contiguous float32 buffer")
-    return list(x), addr, size
-
-
-def _no_overlap(names, addrs, sizes):
-    """Vectorized ``optcore._checks.no_overlap`` over address/size arrays of several
-    arguments (``names``: the argument name of each list)."""
-    start = np.concatenate(addrs).astype(np.uint64)
-    pair = ck.first_overlap(start, start + np.concatenate(sizes).astype(np.uint64))
-    if pair is not None:
-        label = np.concatenate([np.full(len(a), k) for k, a in enumerate(addrs)])
-        index = np.concatenate([np.arange(len(a)) for a in addrs])
-        a, b = (f"{names[label[i]]}[{index[i]}]" for i in pair)
-        raise ValueError(f"{a} and {b} share memory; each buffer must be distinct")
-
-
 def _tensors(name, x, *, writeable):
-    """Return the list of checked arrays of an ndarray, a list of arrays or an arena, with
-    their addresses and sizes in bytes."""
+    """Return the list of checked float32 arrays of an ndarray, a list of arrays or an arena,
+    with their addresses, element counts and sizes in bytes."""
     if isinstance(x, Arena):
         ck.float32_buffer(f"{name}.flat", x.flat, writeable=writeable)
         arrays = [x[n] for n in x]
-        addr, size, _ = _norms.buffers(arrays, False)
-        return arrays, addr, size
-    return _array_list(name, x, writeable=writeable)
+        addr, lengths, nbytes, _, _ = _norms.buffers(arrays, False)
+        return arrays, addr, lengths, nbytes
+    return ck.array_table(name, x, writeable=writeable)[:4]
 
 
 # An arena's tensors never move: its table is built once (keyed by id, dropped with the arena).
@@ -130,20 +99,10 @@ def _table(name, x, *, writeable):
     if isinstance(x, Arena):
         ck.float32_buffer(f"{name}.flat", x.flat, writeable=writeable)
         return _arena_table(x)
-    try:
-        arrays, addr, size = _array_list(name, x, writeable=writeable)
-        kinds = None
-    except TypeError:
-        arrays = ck.array_list(name, x, writeable=writeable, dtypes=_DTYPES)
-        kinds = _lowp.formats(arrays)
-        arrays = [_lowp.kernel_view(a) for a in arrays]
-        addr = size = None  # read-only: the overlap check below is all they are for
-        if writeable:
-            addr = np.array([a.__array_interface__["data"][0] for a in arrays], dtype=np.uint64)
-            size = np.array([a.nbytes for a in arrays], dtype=np.int64)
+    arrays, addr, lengths, nbytes, kinds = ck.array_table(name, x, writeable=writeable, half=True)
     if writeable:
-        _no_overlap([name], [addr], [size])
-    tl = TensorList([arrays])
+        ck.no_overlap_at([name], [addr], [nbytes])
+    tl = TensorList.from_addresses(lengths, [addr], arrays)
     if kinds is not None:
         tl.set_slot_format(0, kinds)
     return tl
@@ -433,14 +392,14 @@ def adaptive_clip_(params, grads, clipping=0.01, eps=1e-3):
     """
     clipping = ck.in_range("clipping", clipping, 0.0, math.inf, lo_open=True)
     eps = ck.nonnegative("eps", eps)
-    ps, paddr, psize = _tensors("params", params, writeable=False)
-    gs, gaddr, gsize = _tensors("grads", grads, writeable=True)
+    ps, paddr, plen, psize = _tensors("params", params, writeable=False)
+    gs, gaddr, _, gsize = _tensors("grads", grads, writeable=True)
     ck.same_sizes("params", ps, "grads", gs)
     for i, (p, g) in enumerate(zip(ps, gs)):
         if p.shape != g.shape:
             raise ValueError(f"grads[{i}] has shape {g.shape} but params[{i}] has shape {p.shape}")
-    _no_overlap(["params", "grads"], [paddr, gaddr], [psize, gsize])
-    tl = TensorList([ps, gs])
+    ck.no_overlap_at(["params", "grads"], [paddr, gaddr], [psize, gsize])
+    tl = TensorList.from_addresses(plen, [paddr, gaddr], (ps, gs))
     tensor, start, length, counts = _units(gs)
     pn = np.sqrt(_norms.unit_sumsq(tl, 0, tensor, start, length))
     gn = np.sqrt(_norms.unit_sumsq(tl, 1, tensor, start, length))

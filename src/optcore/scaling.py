@@ -14,7 +14,6 @@ import math
 import numpy as np
 
 from optcore import _checks as ck
-from optcore import _lowp
 from optcore._kernels import _norms
 from optcore._kernels._runtime import TensorList
 
@@ -50,12 +49,13 @@ def accumulate_(acc, grad, *, first=False):
     ``optax.MultiSteps``; Keras ``gradient_accumulation_steps``.
     """
     ck.boolean("first", first)
-    accs = ck.array_list("acc", acc)
-    grads = ck.array_list("grad", grad, writeable=False, dtypes=("float32",) + ck.HALF_DTYPES)
-    ck.same_sizes("acc", accs, "grad", grads)
-    ck.no_overlap({"acc": accs, "grad": grads})
-    tl = TensorList([accs, [_lowp.kernel_view(g) for g in grads]])
-    tl.set_slot_format(1, _lowp.formats(grads))
+    accs, aaddr, alen, abytes, _ = ck.array_table("acc", acc)
+    grads, gaddr, glen, gbytes, kinds = ck.array_table("grad", grad, writeable=False, half=True)
+    if not np.array_equal(alen, glen):
+        ck.same_sizes("acc", accs, "grad", grads)
+    ck.no_overlap_at(["acc", "grad"], [aaddr, gaddr], [abytes, gbytes], bare_single=True)
+    tl = TensorList.from_addresses(alen, [aaddr, gaddr], (accs, grads))
+    tl.set_slot_format(1, kinds)
     _norms.accumulate(tl, 1, 0, first)
 
 

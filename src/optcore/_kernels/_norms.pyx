@@ -6,10 +6,8 @@ before calling. The GIL is released while a kernel runs.
 """
 import numpy as np
 
-from cpython.buffer cimport (
-    PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer,
-)
-from libc.stdint cimport int64_t, uint64_t, uintptr_t
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint8_t, uint64_t, uintptr_t
 
 from optcore._kernels._runtime cimport (
     OC_MAX_SLOTS, TensorList, exec_begin, exec_end, oc_exec, oc_list,
@@ -39,7 +37,15 @@ cdef extern from "oc_norms.h" nogil:
     void oc_unit_scale_run(const oc_list *L, int s, const oc_units *U, const float *f,
                            const oc_exec *ex)
 
+cdef extern from "oc_lowp.h" nogil:
+    enum: OC_F32, OC_BF16, OC_F16
+
+cdef extern from "numpy/arrayobject.h":
+    enum: NPY_HALF, NPY_USERDEF  # type numbers numpy's .pxd does not declare
+
 NORM_BLOCK = OC_NORM_BLOCK
+
+cnp.import_array()
 
 
 cdef void _need_slot(TensorList tl, int slot) except *:
@@ -183,33 +189,68 @@ def unit_scale(TensorList tl, int slot, tensor, start, length, factors):
     exec_end(ex)
 
 
-def buffers(arrays, bint writeable):
-    """Fast check of a list of arrays through the buffer protocol (~0.1 us each).
+cdef int _bf16_num = -1  # NumPy's type number of ml_dtypes.bfloat16, once one is seen
 
-    Returns ``(addresses, nbytes, bad)``: the data address and size in bytes of each array,
-    and the index of the first array that is not a C-contiguous float32 ndarray (writeable when
-    asked), or -1. The caller re-checks ``arrays[bad]`` with ``optcore._checks`` to raise the
+
+cdef inline int _format(cnp.ndarray a, bint half) except -2:
+    """The kernel format of ``a``'s dtype (float32, or with ``half`` also float16 and
+    bfloat16, in native byte order), or -1."""
+    global _bf16_num
+    cdef cnp.dtype d = a.descr
+    if not cnp.PyArray_ISNOTSWAPPED(a):
+        return -1
+    if d.type_num == cnp.NPY_FLOAT:
+        return OC_F32
+    if not half:
+        return -1
+    if d.type_num == NPY_HALF:
+        return OC_F16
+    if d.type_num == _bf16_num:
+        return OC_BF16
+    # A user-defined dtype (ml_dtypes registers bfloat16 at import): known by its name, as
+    # optcore._checks knows it; its number is then fixed for the life of the process.
+    if (_bf16_num < 0 and d.type_num >= NPY_USERDEF and d.itemsize == 2
+            and (<object> d).name == "bfloat16"):
+        _bf16_num = d.type_num
+        return OC_BF16
+    return -1
+
+
+def buffers(arrays, bint writeable, bint half=False):
+    """Fast check of a list of arrays through the NumPy C API (a few tens of ns each).
+
+    Returns ``(addresses, lengths, nbytes, formats, bad)``: per array its data address
+    (uint64), element count and size in bytes (int64); ``formats`` the kernel format of each
+    (uint8 codes of oc_lowp.h), or None when all are float32; and the index of the first entry
+    that is not an aligned, C-contiguous ndarray of float32 (or, with ``half``, bfloat16 or
+    float16) in native byte order, writeable when asked, or -1. The arrays before ``bad`` are
+    filled in. The caller re-checks ``arrays[bad]`` with ``optcore._checks`` to raise the
     precise error.
     """
     cdef Py_ssize_t i, n = len(arrays)
-    cdef Py_buffer view
-    cdef int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (PyBUF_WRITABLE if writeable else 0)
+    cdef cnp.ndarray a
+    cdef int kind
+    cdef bint any_half = False
     addr = np.zeros(n, dtype=np.uint64)
+    length = np.zeros(n, dtype=np.int64)
     size = np.zeros(n, dtype=np.int64)
+    kinds = np.zeros(n, dtype=np.uint8)
     cdef uint64_t[::1] av = addr
+    cdef int64_t[::1] lv = length
     cdef int64_t[::1] sv = size
+    cdef uint8_t[::1] kv = kinds
     for i in range(n):
-        a = arrays[i]
-        if not isinstance(a, np.ndarray):
-            return addr, size, i
-        try:
-            PyObject_GetBuffer(a, &view, flags)
-        except (BufferError, ValueError, TypeError):
-            return addr, size, i
-        ok = view.itemsize == 4 and view.format != NULL and view.format[0] == b'f' and view.format[1] == 0
-        av[i] = <uint64_t> <uintptr_t> view.buf
-        sv[i] = view.len
-        PyBuffer_Release(&view)
-        if not ok:
-            return addr, size, i
-    return addr, size, -1
+        x = arrays[i]
+        if not cnp.PyArray_Check(x):
+            return addr, length, size, kinds if any_half else None, i
+        a = <cnp.ndarray> x
+        kind = _format(a, half)
+        if (kind < 0 or not cnp.PyArray_IS_C_CONTIGUOUS(a)
+                or (writeable and not cnp.PyArray_ISWRITEABLE(a)) or not cnp.PyArray_ISALIGNED(a)):
+            return addr, length, size, kinds if any_half else None, i
+        av[i] = <uint64_t> <uintptr_t> cnp.PyArray_DATA(a)
+        lv[i] = cnp.PyArray_SIZE(a)
+        sv[i] = cnp.PyArray_NBYTES(a)
+        kv[i] = kind
+        any_half |= kind != OC_F32
+    return addr, length, size, kinds if any_half else None, -1

@@ -87,7 +87,7 @@ class _Table:
         if writeable:
             nbytes = lengths * np.where(kinds == _FORMAT[_F32], 4, 2) if half else 4 * lengths
             try:
-                _clip._no_overlap(["grads"], [addr], [nbytes])
+                ck.no_overlap_at(["grads"], [addr], [nbytes])
             except ValueError:
                 tt.no_overlap([label(i) for i in range(n)], grads)
                 raise
