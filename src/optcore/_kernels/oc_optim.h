@@ -300,9 +300,9 @@ enum { OC_SLOT_COPY = 6, OC_SLOT_COMP = 7 };
  * (oc_adam_lp_loop): when nothing else applies to it (no accumulator, clamp, coupled weight
  * decay, L1 step, AMSGrad or compensation; the scale s and decoupled decay are in the loop), for
  * a float32 or bfloat16 parameter (no model copy), a float32, bfloat16 or float16 gradient (a
- * bfloat16 parameter's is bfloat16 or float32), float32 or bfloat16 m and v, and a bfloat16 or
- * float16 model copy of a float32 parameter. Returns 0 (the tile path runs) otherwise. Each
- * runtime kind below is turned into a constant by its branch. */
+ * bfloat16 parameter's is bfloat16 or float32), float32 or bfloat16 m and v, and a bfloat16
+ * model copy of a float32 parameter. Returns 0 (the tile path runs) otherwise. Each runtime
+ * kind below is turned into a constant by its branch. */
 typedef struct {
     const oc_adam_h *h;
     const oc_lp_slot *S;
