@@ -44,7 +44,21 @@
  *   - An Adam step in cache is bound by its two divisions and square root (~25 cycles per
  *     16 elements). Conversions in passes of their own add their full cost; the same
  *     operations inside the rule's loop run beside the divider nearly for free
- *     (oc_adam_lp_fused in oc_optim.h: bf16 state costs 4% over float32 state).
+ *     (oc_adam_lp_loop in oc_optim.h: bf16 state costs 4% over float32 state; a bf16 gradient
+ *     widened and a bf16 model copy narrowed in the loop cost ~2%, against ~0.15-0.3
+ *     ns/element as passes).
+ *   - "Nearly free" ends where the two 512-bit ALU ports fill up: bf16 parameter, gradient and
+ *     state with stochastic rounding need two hashes (4 vpmulld), four widenings and three
+ *     roundings per 16 elements beside Adam's ~20 operations, ~65 uops on ports 0 and 5:
+ *     ~0.93 ns/element in cache against 0.67 for float32 Adam, in one loop or in tile passes
+ *     alike (the passes stay in L1). That is more than the memory time of its 14 bytes, so
+ *     that step is compute-bound; 256-bit vectors (three ALU ports) were slower still.
+ *   - gcc 12 left some specializations of one always_inline loop scalar ("control flow in
+ *     loop") once some 25 of them were inlined into one large driver, while each vectorized on
+ *     its own: keep the specializations in small functions (with their own ISA clones), and
+ *     check the hot loop of a build with perf rather than a test file compiled alone. The
+ *     float16 narrowing did not vectorize inside the Adam loop at all (a float16 model copy
+ *     stays on the tile path).
  *   - A loop index of 64 bits feeding a 32-bit hash makes gcc carry 64-bit lanes and shuffle
  *     them down: count in uint32_t. One hash for two slots halves the hashing.
  *   - Narrowing: select NaN on the 32-bit word, then shift and narrow once; selecting after

@@ -6,9 +6,12 @@
  * address may be NULL for some tensors (no model copy or compensation for that tensor).
  *
  * Low precision (oc_lowp.h): a chunk whose slots are all float32 runs the rule on the buffers
- * directly. Otherwise, per tile, the parameter, gradient and state slots stored in another
- * format are converted into float32 tiles (L1), the same rule runs on them, and they are
- * stored back in their format in the same sweep: bfloat16 state with stochastic rounding,
+ * directly. Adam has one-loop paths that convert inside the rule's loop: the whole chunk
+ * (oc_adam_lp_sweep: parameter, gradient, state and model copy, when no option outside the
+ * loop applies) or the state slots of a tile (oc_adam_lp_fused). Otherwise, per tile, the
+ * parameter, gradient and state slots stored in another format are converted into float32
+ * tiles (L1), the same rule runs on them, and they are stored back in their format in the
+ * same sweep: bfloat16 state with stochastic rounding,
  * 8-bit state requantized per block with its new absmax, a bfloat16 or float16 parameter
  * rounded to nearest, stochastically or with its compensation (p = p16 + comp, both of the
  * parameter's format, split again after the update: p16 = rne(p), comp = rne(p - p16)), and
@@ -199,28 +202,58 @@ oc_adam_tile(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT 
     }
 }
 
-/* oc_adam_tile without AMSGrad on low-precision m and v, in one loop, so that the conversions
- * run beside the divisions and square root instead of in passes of their own.
- * bfloat16: widening, update, stochastic rounding (m the low, v the high 16 bits of the random
- * word oc_mix32(rbase + k), as the tile path draws them) and parameter step together.
- * 8-bit (m signed, v unsigned): decoding, update and parameter step together, the new float32
- * moments kept in L1 for the per-block requantization that needs their absmax. */
+/* oc_adam_tile without AMSGrad in one loop with the conversions of its low-precision slots,
+ * so that they run beside the divisions and square root instead of in passes of their own.
+ * The kinds are compile-time constants at every call (gcc compiles one loop per combination):
+ *   pk  the parameter: OC_F32 (p, in place) or OC_BF16 (p16: widened, then rounded
+ *       stochastically with the low 16 bits of oc_mix32(pbase + i) when psr, else to nearest);
+ *   gk  the gradient: OC_F32 (g), OC_BF16 or OC_F16 (g16), widened, then times s;
+ *   sk  m and v: OC_F32 (m, v) or OC_BF16 (m16, v16: widened, rounded stochastically with the
+ *       low (m) and high (v) 16 bits of the random word oc_mix32(rbase + i), as the tile path
+ *       draws them);
+ *   ck  the model copy: OC_NO_COPY, or OC_BF16 (copy: the new p rounded to nearest; a float16
+ *       copy stays on the tile path: gcc 12 does not vectorize its narrowing in this loop).
+ * p is multiplied by `decay` before the step (AdamW's decoupled decay). The tile path skips
+ * the products by s or decay when they are 1; x * 1 is x, except that a signalling NaN turns
+ * quiet, which the rule's arithmetic does to it anyway: the same bits either way. */
+enum { OC_NO_COPY = -1 };
+
 static inline __attribute__((always_inline)) void
-oc_adam_bf16_loop(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
-                  uint16_t *OC_RESTRICT m, uint16_t *OC_RESTRICT v, uint32_t rbase, int64_t n) {
+oc_adam_lp_loop(const oc_adam_h *h, int pk, int gk, int sk, int ck, int psr,
+                float *OC_RESTRICT p, uint16_t *OC_RESTRICT p16, uint32_t pbase,
+                const float *OC_RESTRICT g, const uint16_t *OC_RESTRICT g16, float s, float decay,
+                float *OC_RESTRICT m, float *OC_RESTRICT v, uint16_t *OC_RESTRICT m16,
+                uint16_t *OC_RESTRICT v16, uint32_t rbase, uint16_t *OC_RESTRICT copy, int64_t n) {
     const float ss = h->step_size, b1 = h->beta1, b1c = h->beta1_c, b2 = h->beta2, b2c = h->beta2_c;
     const float bc2s = h->bc2_sqrt, eps = h->eps;
     const uint32_t nn = (uint32_t)n;
     for (uint32_t i = 0; i < nn; i++) {
-        const uint32_t r = oc_mix32(rbase + i);
-        float mi = b1 * oc_bf16_to_f32(m[i]) + b1c * g[i];
-        float vi = b2 * oc_bf16_to_f32(v[i]) + b2c * (g[i] * g[i]);
-        m[i] = oc_f32_to_bf16_sr(mi, r);
-        v[i] = oc_f32_to_bf16_sr(vi, r >> 16);
-        p[i] = p[i] - ss * (mi / (sqrtf(vi) / bc2s + eps));
+        const float gi = (gk == OC_BF16 ? oc_bf16_to_f32(g16[i])
+                          : gk == OC_F16 ? oc_f16_to_f32(g16[i]) : g[i]) * s;
+        const float pi = (pk == OC_BF16 ? oc_bf16_to_f32(p16[i]) : p[i]) * decay;
+        const float mo = sk == OC_BF16 ? oc_bf16_to_f32(m16[i]) : m[i];
+        const float vo = sk == OC_BF16 ? oc_bf16_to_f32(v16[i]) : v[i];
+        const float mi = b1 * mo + b1c * gi;
+        const float vi = b2 * vo + b2c * (gi * gi);
+        if (sk == OC_BF16) {
+            const uint32_t r = oc_mix32(rbase + i);
+            m16[i] = oc_f32_to_bf16_sr(mi, r);
+            v16[i] = oc_f32_to_bf16_sr(vi, r >> 16);
+        } else {
+            m[i] = mi;
+            v[i] = vi;
+        }
+        const float pn = pi - ss * (mi / (sqrtf(vi) / bc2s + eps));
+        if (pk == OC_BF16)
+            p16[i] = psr ? oc_f32_to_bf16_sr(pn, oc_mix32(pbase + i)) : oc_f32_to_bf16_rne(pn);
+        else
+            p[i] = pn;
+        if (ck == OC_BF16) copy[i] = oc_f32_to_bf16_rne(pn);
     }
 }
 
+/* 8-bit (m signed, v unsigned): decoding, update and parameter step together, the new float32
+ * moments kept in L1 for the per-block requantization that needs their absmax. */
 static inline __attribute__((always_inline)) void
 oc_adam_q8_loop(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
                 const uint8_t *OC_RESTRICT mq, const uint8_t *OC_RESTRICT vq, float am, float av,
@@ -322,8 +355,9 @@ oc_adam_lp_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTR
                  const oc_lp_slot *S, int64_t i, int64_t n, int64_t first) {
     if (S[5].data != NULL) return 0;
     if (S[3].kind == OC_BF16 && S[4].kind == OC_BF16) {
-        oc_adam_bf16_loop(h, g, p, (uint16_t *)S[3].data + i, (uint16_t *)S[4].data + i,
-                          S[3].base + (uint32_t)first, n);
+        oc_adam_lp_loop(h, OC_F32, OC_F32, OC_BF16, OC_NO_COPY, 0, p, NULL, 0, g, NULL, 1.0f, 1.0f,
+                        NULL, NULL, (uint16_t *)S[3].data + i, (uint16_t *)S[4].data + i,
+                        S[3].base + (uint32_t)first, NULL, n);
         return 1;
     }
     if (S[3].kind == OC_Q8S && S[4].kind == OC_Q8U) {
@@ -351,12 +385,12 @@ oc_adam_lp_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTR
     return 0;
 }
 
-/* The whole chunk of n elements in one call, when its only low-precision slots are 8-bit m
- * and v and nothing but AdamW's decoupled decay changes the gradient or the parameter: the
- * pipelined block loop then spans the chunk. Returns the elements done (its full blocks; the
- * tile loop does the rest), 0 when it does not apply. */
+/* The chunk's full blocks in one call, when its only low-precision slots are 8-bit m and v
+ * and nothing but AdamW's decoupled decay changes the gradient or the parameter: the pipelined
+ * block loop then spans the chunk. Returns the elements done (the tiles do the rest), 0 when
+ * it does not apply. */
 static inline __attribute__((always_inline)) int64_t
-oc_adam_lp_whole(const oc_adam_h *h, const oc_gradopts *o, const oc_lp_slot *S, const float *acc,
+oc_adam_q8_sweep(const oc_adam_h *h, const oc_gradopts *o, const oc_lp_slot *S, const float *acc,
                  float s, int64_t n) {
 #if OC_X86_DISPATCH
     if (!oc_q8_simd || S[3].kind != OC_Q8S || S[4].kind != OC_Q8U || S[5].data != NULL
@@ -374,6 +408,79 @@ oc_adam_lp_whole(const oc_adam_h *h, const oc_gradopts *o, const oc_lp_slot *S, 
     (void)h; (void)o; (void)S; (void)acc; (void)s; (void)n;
     return 0;
 #endif
+}
+
+/* A whole chunk of Adam in one loop that also owns the parameter, gradient and model copy
+ * (oc_adam_lp_loop): when nothing else applies to it (no accumulator, clamp, coupled weight
+ * decay, L1 step, AMSGrad or compensation; the scale s and decoupled decay are in the loop), for
+ * a float32 or bfloat16 parameter (no model copy), a float32, bfloat16 or float16 gradient (a
+ * bfloat16 parameter's is bfloat16 or float32), float32 or bfloat16 m and v, and a bfloat16
+ * model copy of a float32 parameter. Returns 0 (the tile path runs) otherwise. Each runtime
+ * kind below is turned into a constant by its branch. */
+typedef struct {
+    const oc_adam_h *h;
+    const oc_lp_slot *S;
+    float s, decay;
+    uint32_t first;
+    int64_t n;
+} oc_adam_lp_args;
+
+static inline __attribute__((always_inline)) void
+oc_adam_lp_call(const oc_adam_lp_args *a, int pk, int gk, int sk, int ck, int psr) {
+    const oc_lp_slot *S = a->S;
+    const int hs = sk == OC_BF16;
+    oc_adam_lp_loop(a->h, pk, gk, sk, ck, psr, pk == OC_F32 ? (float *)S[0].data : NULL,
+                    pk == OC_F32 ? NULL : (uint16_t *)S[0].data, S[0].base + a->first,
+                    gk == OC_F32 ? (const float *)S[1].data : NULL,
+                    gk == OC_F32 ? NULL : (const uint16_t *)S[1].data, a->s, a->decay,
+                    hs ? NULL : (float *)S[3].data, hs ? NULL : (float *)S[4].data,
+                    hs ? (uint16_t *)S[3].data : NULL, hs ? (uint16_t *)S[4].data : NULL,
+                    S[3].base + a->first,
+                    ck == OC_NO_COPY ? NULL : (uint16_t *)S[OC_SLOT_COPY].data, a->n);
+}
+
+static inline __attribute__((always_inline)) void
+oc_adam_lp_by_state(const oc_adam_lp_args *a, int pk, int gk, int ck, int psr) {
+    if (a->S[3].kind == OC_BF16) oc_adam_lp_call(a, pk, gk, OC_BF16, ck, psr);
+    else oc_adam_lp_call(a, pk, gk, OC_F32, ck, psr);
+}
+
+static inline __attribute__((always_inline)) void
+oc_adam_lp_by_grad(const oc_adam_lp_args *a, int pk, int ck, int psr) {
+    const int gk = a->S[1].kind;
+    if (gk == OC_BF16) oc_adam_lp_by_state(a, pk, OC_BF16, ck, psr);
+    else if (gk == OC_F16 && pk == OC_F32) oc_adam_lp_by_state(a, pk, OC_F16, ck, psr);
+    else oc_adam_lp_by_state(a, pk, OC_F32, ck, psr);
+}
+
+/* The two halves of the dispatch, each a function of its own (and its own ISA clones): in one
+ * function with the rest of the driver, gcc 12 left some of these loops scalar. */
+OC_CLONES static void oc_adam_lp_bf16_param(const oc_adam_lp_args *a, int psr) {
+    if (psr) oc_adam_lp_by_grad(a, OC_BF16, OC_NO_COPY, 1);
+    else oc_adam_lp_by_grad(a, OC_BF16, OC_NO_COPY, 0);
+}
+
+OC_CLONES static void oc_adam_lp_f32_param(const oc_adam_lp_args *a, int ck) {
+    if (ck == OC_BF16) oc_adam_lp_by_grad(a, OC_F32, OC_BF16, 0);
+    else oc_adam_lp_by_grad(a, OC_F32, OC_NO_COPY, 0);
+}
+
+static inline __attribute__((always_inline)) int64_t
+oc_adam_lp_sweep(const oc_adam_h *h, const oc_gradopts *o, float s, const float *acc,
+                 const oc_lp_slot *S, int64_t n, int64_t first) {
+    if (S[3].kind == OC_Q8S) return oc_adam_q8_sweep(h, o, S, acc, s, n);
+    const int pk = S[0].kind, gk = S[1].kind, sk = S[3].kind;
+    const int ck = S[OC_SLOT_COPY].data != NULL ? S[OC_SLOT_COPY].kind : OC_NO_COPY;
+    if (acc != NULL || o->clamp < INFINITY || o->weight_decay != 0.0f || o->l1_thresh > 0.0f
+        || S[5].data != NULL || S[OC_SLOT_COMP].data != NULL || S[4].kind != sk
+        || (sk != OC_F32 && sk != OC_BF16) || (gk == OC_F16 && pk != OC_F32)
+        || !(pk == OC_F32 || (pk == OC_BF16 && ck == OC_NO_COPY))
+        || (ck != OC_NO_COPY && ck != OC_BF16))
+        return 0;
+    const oc_adam_lp_args a = {h, S, s, o->decay, (uint32_t)first, n};
+    if (pk == OC_BF16) oc_adam_lp_bf16_param(&a, o->param_sr);
+    else oc_adam_lp_f32_param(&a, ck);
+    return n;
 }
 
 typedef struct { float clr, beta1, beta1_c, beta2, eps; } oc_adamax_h;
@@ -477,17 +584,15 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
     }
 }
 
-/* FUSED(h, g, p, S, i, n, first): the rule on the state slots S[3..5] of tile [i, i + n) in
- * one loop with their conversions, returning 1 when it has such a loop for their formats, 0
- * (the tile path runs) otherwise or for every rule without one (OC_NO_FUSED). Same
- * operations, same bits as the tile path. */
-#define OC_NO_FUSED(h, g, p, S, i, n, first) 0
+/* SWEEP(h, o, s, acc, S, n, first): the elements [0, k) of the chunk (n elements, the first
+ * at tensor index `first`) in one loop that owns every conversion, returning k (the tiles run
+ * the rest: all of it when 0) for the chunk's formats and options. FUSED(h, g, p, S, i, n, first): the rule on
+ * the state slots S[3..5] of tile [i, i + n) in one loop with their conversions (p and g
+ * already float32 tiles), returning 0 (the tile path runs) when it has none. OC_NO_FUSED: a
+ * rule without either. Same operations, same bits as the tile path. */
+#define OC_NO_FUSED(...) 0
 
-/* WHOLE(h, o, S, acc, s, n): the elements [0, k) of the chunk done in one call before the tile
- * loop (OC_NO_WHOLE: none). */
-#define OC_NO_WHOLE(h, o, S, acc, s, n) 0
-
-#define OC_DEFINE_UPDATE(NAME, H_T, TILE, FUSED, WHOLE)                                        \
+#define OC_DEFINE_UPDATE(NAME, H_T, TILE, FUSED, SWEEP)                                        \
     static inline __attribute__((always_inline)) void NAME##_chunk(                         \
         const oc_list *L, const oc_gradopts *o, const H_T *h, int64_t c) {                   \
         float gbuf[OC_TILE] __attribute__((aligned(64)));                                    \
@@ -522,7 +627,7 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
         const float *acc = oc_slot(L, 2, c);                                                 \
         const oc_lp_slot *P = &S[0], *K = &S[OC_SLOT_COMP], *MC = &S[OC_SLOT_COPY];          \
         oc_prefetch_next(L, c);                                                              \
-        for (int64_t i = WHOLE(h, o, S, acc, s, n); i < n; i += OC_TILE) {                   \
+        for (int64_t i = SWEEP(h, o, s, acc, S, n, start); i < n; i += OC_TILE) {                \
             const int64_t m = n - i < OC_TILE ? n - i : OC_TILE;                             \
             float *pt;                                                                        \
             if (K->data != NULL) {                                                            \
@@ -565,12 +670,12 @@ oc_kahan_store(uint16_t *OC_RESTRICT pb, uint16_t *OC_RESTRICT cb, const float *
                           else NAME##_lp_chunk(L, o, h, c));                                  \
     }
 
-OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile, OC_NO_FUSED, OC_NO_WHOLE)
-OC_DEFINE_UPDATE(oc_adagrad_run, oc_adagrad_h, oc_adagrad_tile, OC_NO_FUSED, OC_NO_WHOLE)
-OC_DEFINE_UPDATE(oc_rmsprop_run, oc_rmsprop_h, oc_rmsprop_tile, OC_NO_FUSED, OC_NO_WHOLE)
-OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile, oc_adam_lp_fused, oc_adam_lp_whole)
-OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile, OC_NO_FUSED, OC_NO_WHOLE)
-OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile, OC_NO_FUSED, OC_NO_WHOLE)
+OC_DEFINE_UPDATE(oc_sgd_run, oc_sgd_h, oc_sgd_tile, OC_NO_FUSED, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_adagrad_run, oc_adagrad_h, oc_adagrad_tile, OC_NO_FUSED, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_rmsprop_run, oc_rmsprop_h, oc_rmsprop_tile, OC_NO_FUSED, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_adam_run, oc_adam_h, oc_adam_tile, oc_adam_lp_fused, oc_adam_lp_sweep)
+OC_DEFINE_UPDATE(oc_adamax_run, oc_adamax_h, oc_adamax_tile, OC_NO_FUSED, OC_NO_FUSED)
+OC_DEFINE_UPDATE(oc_nadam_run, oc_nadam_h, oc_nadam_tile, OC_NO_FUSED, OC_NO_FUSED)
 
 /* Set slot `s` of every tensor to `value` (zero_grad over a table of arrays): float32, or a
  * 16-bit slot (its format from the table) to `value` rounded to nearest. */
