@@ -40,7 +40,7 @@
  * final loss from +19% to within 1% of float32 Adam's.
  *
  * Speed lessons (gcc 12, AVX-512 Xeon VM at 2.1 GHz, one thread, data in cache; Adam step,
- * ns/element: float32 state 0.74; bfloat16 state 1.87 -> 0.77; 8-bit state 5.5 -> 2.65):
+ * ns/element: float32 state 0.74; bfloat16 state 1.87 -> 0.77; 8-bit state 5.5 -> 1.75):
  *   - An Adam step in cache is bound by its two divisions and square root (~25 cycles per
  *     16 elements). Conversions in passes of their own add their full cost; the same
  *     operations inside the rule's loop run beside the divider nearly for free
@@ -70,10 +70,17 @@
  *     20 constants: compute int32 codes at full width, narrow to bytes in a second loop
  *     (encoder 1.5 -> 0.7 ns/element signed, 1.3 -> 0.5 unsigned).
  *   - The 256-entry table lookup of the decoder is emulated by gcc (no gather under generic
- *     tuning), ~0.3-0.45 ns/element; a per-level arithmetic decoder needs a select chain (or
- *     a two-constant product for exact rounding) that costs as much. The 8-bit path stays
- *     compute-bound: encoder and decoder are what is left to make cheaper (e.g. vpermi2ps
- *     lookups through GCC vector extensions: 0.17 ns/element in isolation).
+ *     tuning), ~0.3-0.45 ns/element. On AVX-512F CPUs the 8-bit loops run hand-written
+ *     versions (oc_q8_simd.h, same bits): 8-bit Adam 2.65 -> 1.75 ns/element. What counts there
+ *     is uops on ports 0 and 5, not the divider: eight vpermt2ps and seven blends per 16
+ *     bytes (a table lookup) -> an arithmetic decoder with two 16-entry permutes (the code's
+ *     values are defined by that arithmetic, see oc_q8_magnitude); a six-compare level chain
+ *     -> the exponent's binade table and one compare; narrowing in registers (vpmovdb). The
+ *     loop is still ~100 uops per 16 elements (decode 28, Adam 14, encode 54) against ~25 for
+ *     float32 Adam, so it stays compute-bound, and two threads on this VM's two vCPUs scale
+ *     it only ~1.5x. Software-pipelining the requantization of block b - 1 into the update of
+ *     block b (over whole chunks) did not pay, the ports, not the divider's latency, being
+ *     the limit; nor did a gather (vgatherdps) instead of the permutes.
  */
 #ifndef OC_LOWP_H
 #define OC_LOWP_H

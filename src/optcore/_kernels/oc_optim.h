@@ -271,16 +271,14 @@ oc_adam_q8_loop(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRI
 }
 
 #if OC_X86_DISPATCH
-typedef struct { __m512 ss, b1, b1c, b2, b2c, bc2s, eps, decay; } oc_adam_v;
+typedef struct { __m512 ss, b1, b1c, b2, b2c, bc2s, eps; } oc_adam_v;
 
-/* Elements [j, j + 16) of one block of oc_adam_q8_loop (after the decoupled decay
- * p *= decay when `decayed`): decoding, update, parameter step; the new moments go to mf and
- * vf and into the block's running absmax bits. */
+/* Elements [j, j + 16) of one block of oc_adam_q8_loop: decoding, update, parameter step;
+ * the new moments go to mf and vf and into the block's running absmax bits. */
 OC_AVX512_INLINE void
 oc_q8_simd_adam16(const oc_adam_v *c, const float *OC_RESTRICT g, float *OC_RESTRICT p,
                   const uint8_t *OC_RESTRICT mq, const uint8_t *OC_RESTRICT vq, __m512 am, __m512 av,
-                  float *OC_RESTRICT mf, float *OC_RESTRICT vf, __m512i *mbm, __m512i *mbv,
-                  int decayed) {
+                  float *OC_RESTRICT mf, float *OC_RESTRICT vf, __m512i *mbm, __m512i *mbv) {
     const __m512 gj = _mm512_loadu_ps(g);
     const __m512 mi = _mm512_add_ps(_mm512_mul_ps(c->b1, oc_q8_simd_decode(&oc_q8_codes[1], mq, am, 1)),
                                     _mm512_mul_ps(c->b1c, gj));
@@ -290,63 +288,36 @@ oc_q8_simd_adam16(const oc_adam_v *c, const float *OC_RESTRICT g, float *OC_REST
     _mm512_store_ps(vf, vi);
     *mbm = oc_q8_simd_absmax(*mbm, mi);
     *mbv = oc_q8_simd_absmax(*mbv, vi);
-    __m512 pj = _mm512_loadu_ps(p);
-    if (decayed) pj = _mm512_mul_ps(pj, c->decay);
     const __m512 d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), c->bc2s), c->eps);
-    _mm512_storeu_ps(p, _mm512_sub_ps(pj, _mm512_mul_ps(c->ss, _mm512_div_ps(mi, d))));
+    _mm512_storeu_ps(p, _mm512_sub_ps(_mm512_loadu_ps(p), _mm512_mul_ps(c->ss, _mm512_div_ps(mi, d))));
 }
 
-/* Adam on nb full blocks of 8-bit m and v (absmax am, av per block), software-pipelined:
- * the update of block b (bound by its divisions and square root) runs in one loop with the
- * requantization of block b - 1, whose absmax is known once its update is done. */
-OC_AVX512_INLINE void
-oc_q8_simd_adam_pipe(const oc_adam_h *h, float decay, const float *OC_RESTRICT g, float *OC_RESTRICT p,
-                     uint8_t *OC_RESTRICT mq, uint8_t *OC_RESTRICT vq, float *OC_RESTRICT am,
-                     float *OC_RESTRICT av, int64_t nb, int decayed) {
-    float mf[2][OC_Q8_BLOCK] __attribute__((aligned(64)));
-    float vf[2][OC_Q8_BLOCK] __attribute__((aligned(64)));
+/* oc_adam_q8_loop and the requantization of m and v on nb full blocks (absmax am, av per
+ * block), block by block: the update into L1, then the codes. */
+static OC_AVX512 __attribute__((noinline)) void
+oc_q8_simd_adam_blocks(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTRICT p,
+                       uint8_t *OC_RESTRICT mq, uint8_t *OC_RESTRICT vq, float *OC_RESTRICT am,
+                       float *OC_RESTRICT av, int64_t nb) {
+    float mf[OC_Q8_BLOCK] __attribute__((aligned(64)));
+    float vf[OC_Q8_BLOCK] __attribute__((aligned(64)));
     const oc_adam_v c = {_mm512_set1_ps(h->step_size), _mm512_set1_ps(h->beta1),
                          _mm512_set1_ps(h->beta1_c), _mm512_set1_ps(h->beta2),
                          _mm512_set1_ps(h->beta2_c), _mm512_set1_ps(h->bc2_sqrt),
-                         _mm512_set1_ps(h->eps), _mm512_set1_ps(decay)};
-    __m512i mbm = _mm512_setzero_si512(), mbv = _mm512_setzero_si512();
-    {
-        const __m512 a = _mm512_set1_ps(am[0]), b = _mm512_set1_ps(av[0]);
-        for (int j = 0; j < OC_Q8_BLOCK; j += 16)
-            oc_q8_simd_adam16(&c, g + j, p + j, mq + j, vq + j, a, b, mf[0] + j, vf[0] + j,
-                              &mbm, &mbv, decayed);
-    }
-    for (int64_t b = 1; b <= nb; b++) {
-        const __m512 im = oc_q8_simd_finish_absmax(mbm, am + b - 1);
-        const __m512 iv = oc_q8_simd_finish_absmax(mbv, av + b - 1);
-        const float *pm = mf[(b - 1) & 1], *pv = vf[(b - 1) & 1];
-        uint8_t *qm = mq + (b - 1) * OC_Q8_BLOCK, *qv = vq + (b - 1) * OC_Q8_BLOCK;
-        if (b == nb) {
-            for (int j = 0; j < OC_Q8_BLOCK; j += 16) {
-                _mm_storeu_si128((__m128i *)(qm + j), oc_q8_simd_encode(_mm512_load_ps(pm + j), im, 1));
-                _mm_storeu_si128((__m128i *)(qv + j), oc_q8_simd_encode(_mm512_load_ps(pv + j), iv, 0));
-            }
-            break;
-        }
-        mbm = mbv = _mm512_setzero_si512();
-        const __m512 a = _mm512_set1_ps(am[b]), v = _mm512_set1_ps(av[b]);
+                         _mm512_set1_ps(h->eps)};
+    for (int64_t b = 0; b < nb; b++) {
         const int64_t o = b * OC_Q8_BLOCK;
-        float *nm = mf[b & 1], *nv = vf[b & 1];
+        __m512i mbm = _mm512_setzero_si512(), mbv = _mm512_setzero_si512();
+        const __m512 a = _mm512_set1_ps(am[b]), v = _mm512_set1_ps(av[b]);
+        for (int j = 0; j < OC_Q8_BLOCK; j += 16)
+            oc_q8_simd_adam16(&c, g + o + j, p + o + j, mq + o + j, vq + o + j, a, v, mf + j, vf + j,
+                              &mbm, &mbv);
+        const __m512 im = oc_q8_simd_finish_absmax(mbm, am + b);
+        const __m512 iv = oc_q8_simd_finish_absmax(mbv, av + b);
         for (int j = 0; j < OC_Q8_BLOCK; j += 16) {
-            oc_q8_simd_adam16(&c, g + o + j, p + o + j, mq + o + j, vq + o + j, a, v, nm + j, nv + j,
-                              &mbm, &mbv, decayed);
-            _mm_storeu_si128((__m128i *)(qm + j), oc_q8_simd_encode(_mm512_load_ps(pm + j), im, 1));
-            _mm_storeu_si128((__m128i *)(qv + j), oc_q8_simd_encode(_mm512_load_ps(pv + j), iv, 0));
+            _mm_storeu_si128((__m128i *)(mq + o + j), oc_q8_simd_encode(_mm512_load_ps(mf + j), im, 1));
+            _mm_storeu_si128((__m128i *)(vq + o + j), oc_q8_simd_encode(_mm512_load_ps(vf + j), iv, 0));
         }
     }
-}
-
-static OC_AVX512 __attribute__((noinline)) void
-oc_q8_simd_adam_blocks(const oc_adam_h *h, float decay, const float *OC_RESTRICT g,
-                       float *OC_RESTRICT p, uint8_t *OC_RESTRICT mq, uint8_t *OC_RESTRICT vq,
-                       float *OC_RESTRICT am, float *OC_RESTRICT av, int64_t nb) {
-    if (decay != 1.0f) oc_q8_simd_adam_pipe(h, decay, g, p, mq, vq, am, av, nb, 1);
-    else oc_q8_simd_adam_pipe(h, decay, g, p, mq, vq, am, av, nb, 0);
 }
 #endif
 
@@ -367,7 +338,7 @@ oc_adam_lp_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTR
 #if OC_X86_DISPATCH
         if (oc_q8_simd && n >= OC_Q8_BLOCK) {
             b = n / OC_Q8_BLOCK * OC_Q8_BLOCK;
-            oc_q8_simd_adam_blocks(h, 1.0f, g, p, (uint8_t *)S[3].data + i, (uint8_t *)S[4].data + i,
+            oc_q8_simd_adam_blocks(h, g, p, (uint8_t *)S[3].data + i, (uint8_t *)S[4].data + i,
                                    S[3].absmax + i / OC_Q8_BLOCK, S[4].absmax + i / OC_Q8_BLOCK,
                                    b / OC_Q8_BLOCK);
         }
@@ -383,31 +354,6 @@ oc_adam_lp_fused(const oc_adam_h *h, const float *OC_RESTRICT g, float *OC_RESTR
         return 1;
     }
     return 0;
-}
-
-/* The chunk's full blocks in one call, when its only low-precision slots are 8-bit m and v
- * and nothing but AdamW's decoupled decay changes the gradient or the parameter: the pipelined
- * block loop then spans the chunk. Returns the elements done (the tiles do the rest), 0 when
- * it does not apply. */
-static inline __attribute__((always_inline)) int64_t
-oc_adam_q8_sweep(const oc_adam_h *h, const oc_gradopts *o, const oc_lp_slot *S, const float *acc,
-                 float s, int64_t n) {
-#if OC_X86_DISPATCH
-    if (!oc_q8_simd || S[3].kind != OC_Q8S || S[4].kind != OC_Q8U || S[5].data != NULL
-        || S[0].kind != OC_F32 || S[1].kind != OC_F32 || S[OC_SLOT_COPY].data != NULL
-        || acc != NULL || s != 1.0f || o->clamp < INFINITY || o->weight_decay != 0.0f
-        || o->l1_thresh > 0.0f)
-        return 0;
-    const int64_t nb = n / OC_Q8_BLOCK;
-    if (nb > 0)
-        oc_q8_simd_adam_blocks(h, o->decay, (const float *)S[1].data, (float *)S[0].data,
-                               (uint8_t *)S[3].data, (uint8_t *)S[4].data, S[3].absmax,
-                               S[4].absmax, nb);
-    return nb * OC_Q8_BLOCK;
-#else
-    (void)h; (void)o; (void)S; (void)acc; (void)s; (void)n;
-    return 0;
-#endif
 }
 
 /* A whole chunk of Adam in one loop that also owns the parameter, gradient and model copy
@@ -468,7 +414,6 @@ OC_CLONES static void oc_adam_lp_f32_param(const oc_adam_lp_args *a, int ck) {
 static inline __attribute__((always_inline)) int64_t
 oc_adam_lp_sweep(const oc_adam_h *h, const oc_gradopts *o, float s, const float *acc,
                  const oc_lp_slot *S, int64_t n, int64_t first) {
-    if (S[3].kind == OC_Q8S) return oc_adam_q8_sweep(h, o, S, acc, s, n);
     const int pk = S[0].kind, gk = S[1].kind, sk = S[3].kind;
     const int ck = S[OC_SLOT_COPY].data != NULL ? S[OC_SLOT_COPY].kind : OC_NO_COPY;
     if (acc != NULL || o->clamp < INFINITY || o->weight_decay != 0.0f || o->l1_thresh > 0.0f
