@@ -4,9 +4,10 @@
  * They compute the same bits as the portable loops (same operations in the same order, no
  * fused multiply-add, as the build's -ffp-contract=off), and differ only in how they look
  * things up, which gcc cannot vectorize by itself:
- *   - decoding a byte is a lookup in the 256 float32 values of the code, done as eight
- *     two-register permutes (vpermt2ps, 32 entries each) and a tree of three blends on bits
- *     5, 6 and 7 of the byte, instead of gcc's element-by-element emulation;
+ *   - decoding a byte computes the code's value by the arithmetic that defines it
+ *     (oc_q8_magnitude: two 16-entry permutes, vpermps, by the exponent of u + 1/2), where
+ *     the portable loops look it up in the 256-entry table built from the same arithmetic
+ *     (gcc emulates that lookup element by element);
  *   - encoding picks the decimal level without the six-compare chain: the binary exponent of
  *     a = |x| / absmax indexes two 32-entry tables (vpermt2d / vpermt2ps), the highest level
  *     whose lower bound is at or below the binade's start and the next bound, which lies
