@@ -289,22 +289,16 @@ static inline void oc_q8_init_one(oc_q8_code *q, int is_signed) {
         const int t = (int)((oc_bits((float)k + 0.5f) >> 23) & 15u);
         q->dec_d[t] = (float)(scale[i] / (10.0 * (double)k));
         q->dec_e[t] = (float)(8 * k);
+        const int64_t kp = i > 0 ? q->k[i - 1] : 0;
+        q->bound[i] = i > 0 ? (float)(0.5 * (oc_q8_level_value(i - 1, kp, kp - 1)
+                                             + oc_q8_level_value(i, k, 0)))
+                            : 0.0f;
     }
     for (int b = 0; b < 256; b++) q->value[b] = 0.0f;
     for (uint32_t u = is_signed ? 1u : 2u; u < (is_signed ? 128u : 256u); u++) {
         const float v = oc_q8_magnitude(q, u);
         q->value[u] = v;
         if (is_signed) q->value[0x80 | u] = -v;
-    }
-    for (int i = 0; i < OC_Q8_LEVELS; i++) {
-        int64_t k = q->k[i];
-        if (i > 0) {
-            int64_t kp = is_signed ? ((int64_t)1 << (i - 1)) : ((int64_t)2 << (i - 1));
-            q->bound[i] = (float)(0.5 * (oc_q8_level_value(i - 1, kp, kp - 1)
-                                         + oc_q8_level_value(i, k, 0)));
-        } else {
-            q->bound[0] = 0.0f;
-        }
     }
     int64_t k0 = q->k[0], k6 = q->k[OC_Q8_LEVELS - 1];
     q->lo = (float)(0.5 * oc_q8_level_value(0, k0, 0));
