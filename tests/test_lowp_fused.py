@@ -256,3 +256,59 @@ GOLDEN = {
 def test_bits_of_the_tile_path(case, variant, threads):
     ps, copies, states, _ = run_case(case, variant, threads)
     assert digest(ps, copies, states) == GOLDEN[case, variant]
+
+
+def _bf16_bits(rng, n):
+    """n bfloat16 values as uint16: mostly normal values, one in ten a random bit pattern
+    (NaN payloads, signalling NaNs, inf, subnormals, huge and tiny values)."""
+    x = rng.standard_normal(n).astype(F32).astype(BF16).view(np.uint16)
+    wild = rng.random(n) < 0.1
+    x[wild] = rng.integers(0, 1 << 16, int(wild.sum()), dtype=np.uint16)
+    x[:4] = [0x7F81, 0xFFC1, 0x7FFF, 0xFF80]  # sNaN, -qNaN with payload, all-ones NaN, -inf
+    return x
+
+
+def _pairs_run(pairs, rounding, cls, hyper, threads):
+    """Two steps of bfloat16 Adam on one odd-length tensor at an address 2 mod 4 (a view one
+    element into its buffer), from random bits in p, g, m and v; returns every output bit."""
+    rng = np.random.default_rng(11)
+    n = 40007
+    bufs = [np.empty(n + 1, np.uint16) for _ in range(2)]
+    p, g = (b[1:].view(BF16) for b in bufs)
+    p.view(np.uint16)[...] = _bf16_bits(rng, n)
+    g.view(np.uint16)[...] = _bf16_bits(rng, n)
+    opt = cls([(p, g)], **hyper, state_dtype="bfloat16", rounding=rounding, seed=3)
+    sd = opt.state_dict()
+    for k in ("group0.state.exp_avg.uint16.1", "group0.state.exp_avg_sq.uint16.1"):
+        sd[k] = _bf16_bits(rng, n)
+    opt.load_state_dict(sd)
+    was = optcore._kernels._optim.bf16_pairs(pairs)
+    optcore.set_num_threads(threads)
+    try:
+        for _ in range(2):
+            opt.step()
+            g.view(np.uint16)[...] = _bf16_bits(rng, n)
+    finally:
+        optcore.set_num_threads(None)
+        optcore._kernels._optim.bf16_pairs(was)
+    sd = opt.state_dict()
+    return [p.view(np.uint16).copy(), sd["group0.state.exp_avg.uint16.1"],
+            sd["group0.state.exp_avg_sq.uint16.1"]]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant", ["adam", "adamw-maximize"])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_bf16_pairs_are_bitwise_the_one_element_loop(rounding, variant, threads):
+    """Two elements per 32-bit word and no NaN selects (oc_adam_bf16_pairs) must give every
+    bit of the one-element loop, NaN payloads included, on random bit patterns in all four
+    inputs, an odd length and an address that is not 4-byte aligned."""
+    cls, hyper = {"adam": (optcore.Adam, dict(lr=0.01)),
+                  "adamw-maximize": (optcore.AdamW, dict(lr=0.01, weight_decay=0.1,
+                                                         maximize=True))}[variant]
+    assert optcore._kernels._optim.bf16_pairs()
+    got = _pairs_run(True, rounding, cls, hyper, threads)
+    want = _pairs_run(False, rounding, cls, hyper, threads)
+    assert np.isnan(got[0].view(BF16).astype(F32)).sum() > 1000
+    for a, b, what in zip(got, want, ("param", "exp_avg", "exp_avg_sq")):
+        np.testing.assert_array_equal(a, b, err_msg=what)

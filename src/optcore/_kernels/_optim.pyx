@@ -15,6 +15,7 @@ from optcore._kernels._runtime cimport (
 )
 
 cdef extern from "oc_optim.h" nogil:
+    int oc_bf16_pairs_on
     ctypedef struct oc_gradopts:
         float scale
         const float *tensor_scale
@@ -82,6 +83,17 @@ def q8_simd(enabled=None):
     was = bool(oc_q8_simd)
     if enabled is not None:
         oc_q8_simd = 1 if enabled and _Q8_SIMD_CPU else 0
+    return was
+
+
+def bf16_pairs(enabled=None):
+    """Whether Adam on bfloat16 parameters, gradients and state runs two elements per 32-bit
+    word (oc_adam_bf16_pairs); ``enabled`` switches it (off: the one-element loop, same
+    results), for tests."""
+    global oc_bf16_pairs_on
+    was = bool(oc_bf16_pairs_on)
+    if enabled is not None:
+        oc_bf16_pairs_on = 1 if enabled else 0
     return was
 
 

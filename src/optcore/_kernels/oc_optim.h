@@ -252,6 +252,59 @@ oc_adam_lp_loop(const oc_adam_h *h, int pk, int gk, int sk, int ck, int psr,
     }
 }
 
+/* oc_adam_lp_loop for bfloat16 parameter, gradient, m and v, two elements per 32-bit word:
+ * element 2w is the low half of word w (little-endian), so that it widens by one shift and
+ * element 2w + 1 by one mask, and the two rounded halves are put back by a shift, a mask and an
+ * or, where 16-bit lanes would need a widening and a narrowing instruction each (8 instead of
+ * 20 per 16 elements, all of them on the ALU ports). The values are those of oc_adam_lp_loop,
+ * bit for bit, and so are the roundings without its NaN selects: every operand of the
+ * arithmetic is a widened bfloat16 (low 16 bits zero) or a hyper-parameter, and every NaN
+ * the arithmetic returns is quiet with the payload of such an operand or the default NaN, so
+ * its low 16 bits are zero and adding at most 0xffff to them keeps the top half, the quiet
+ * NaN the selects would return. An odd last element goes through oc_adam_lp_loop. */
+static inline __attribute__((always_inline)) uint32_t
+oc_bf16_pair_sr(float lo, float hi, uint32_t rlo, uint32_t rhi) {
+    return ((oc_bits(lo) + (rlo & 0xffffu)) >> 16) | ((oc_bits(hi) + (rhi & 0xffffu)) & 0xffff0000u);
+}
+
+static inline __attribute__((always_inline)) uint32_t oc_bf16_rne_word(float x) {
+    const uint32_t u = oc_bits(x);
+    return u + 0x7fffu + ((u >> 16) & 1u);
+}
+
+static int oc_bf16_pairs_on = 1;  /* oc_adam_bf16_pairs is in use (else oc_adam_lp_loop): tests */
+
+/* A 32-bit word of two bfloat16 elements, at any 2-byte aligned address. */
+typedef uint32_t oc_bf16_pair __attribute__((may_alias, aligned(2)));
+
+static inline __attribute__((always_inline)) void
+oc_adam_bf16_pairs(const oc_adam_h *h, int psr, uint16_t *p16, uint32_t pbase,
+                   const uint16_t *g16, float s, float decay, uint16_t *m16, uint16_t *v16,
+                   uint32_t rbase, int64_t n) {
+    const float ss = h->step_size, b1 = h->beta1, b1c = h->beta1_c, b2 = h->beta2, b2c = h->beta2_c;
+    const float bc2s = h->bc2_sqrt, eps = h->eps;
+    oc_bf16_pair *OC_RESTRICT pp = (oc_bf16_pair *)p16, *OC_RESTRICT mp = (oc_bf16_pair *)m16;
+    oc_bf16_pair *OC_RESTRICT vp = (oc_bf16_pair *)v16;
+    const oc_bf16_pair *OC_RESTRICT gp = (const oc_bf16_pair *)g16;
+    const uint32_t nw = (uint32_t)(n / 2);
+    for (uint32_t w = 0; w < nw; w++) {
+        const uint32_t pw = pp[w], gw = gp[w], mw = mp[w], vw = vp[w];
+        const float g0 = oc_float(gw << 16) * s, g1 = oc_float(gw & 0xffff0000u) * s;
+        const float p0 = oc_float(pw << 16) * decay, p1 = oc_float(pw & 0xffff0000u) * decay;
+        const float m0 = b1 * oc_float(mw << 16) + b1c * g0;
+        const float m1 = b1 * oc_float(mw & 0xffff0000u) + b1c * g1;
+        const float v0 = b2 * oc_float(vw << 16) + b2c * (g0 * g0);
+        const float v1 = b2 * oc_float(vw & 0xffff0000u) + b2c * (g1 * g1);
+        const uint32_t r0 = oc_mix32(rbase + 2 * w), r1 = oc_mix32(rbase + 2 * w + 1);
+        mp[w] = oc_bf16_pair_sr(m0, m1, r0, r1);
+        vp[w] = oc_bf16_pair_sr(v0, v1, r0 >> 16, r1 >> 16);
+        const float n0 = p0 - ss * (m0 / (sqrtf(v0) / bc2s + eps));
+        const float n1 = p1 - ss * (m1 / (sqrtf(v1) / bc2s + eps));
+        pp[w] = psr ? oc_bf16_pair_sr(n0, n1, oc_mix32(pbase + 2 * w), oc_mix32(pbase + 2 * w + 1))
+                    : (oc_bf16_rne_word(n0) >> 16) | (oc_bf16_rne_word(n1) & 0xffff0000u);
+    }
+}
+
 /* 8-bit (m signed, v unsigned): decoding, update and parameter step together, the new float32
  * moments kept in L1 for the per-block requantization that needs their absmax. */
 static inline __attribute__((always_inline)) void
@@ -375,6 +428,20 @@ static inline __attribute__((always_inline)) void
 oc_adam_lp_call(const oc_adam_lp_args *a, int pk, int gk, int sk, int ck, int psr) {
     const oc_lp_slot *S = a->S;
     const int hs = sk == OC_BF16;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (pk == OC_BF16 && gk == OC_BF16 && hs && oc_bf16_pairs_on) {
+        const int64_t e = a->n / 2 * 2;
+        oc_adam_bf16_pairs(a->h, psr, (uint16_t *)S[0].data, S[0].base + a->first,
+                           (const uint16_t *)S[1].data, a->s, a->decay, (uint16_t *)S[3].data,
+                           (uint16_t *)S[4].data, S[3].base + a->first, e);
+        if (e < a->n)
+            oc_adam_lp_loop(a->h, pk, gk, sk, ck, psr, NULL, (uint16_t *)S[0].data + e,
+                            S[0].base + a->first + (uint32_t)e, NULL, (const uint16_t *)S[1].data + e,
+                            a->s, a->decay, NULL, NULL, (uint16_t *)S[3].data + e,
+                            (uint16_t *)S[4].data + e, S[3].base + a->first + (uint32_t)e, NULL, 1);
+        return;
+    }
+#endif
     oc_adam_lp_loop(a->h, pk, gk, sk, ck, psr, pk == OC_F32 ? (float *)S[0].data : NULL,
                     pk == OC_F32 ? NULL : (uint16_t *)S[0].data, S[0].base + a->first,
                     gk == OC_F32 ? (const float *)S[1].data : NULL,
