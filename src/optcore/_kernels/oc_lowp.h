@@ -55,8 +55,9 @@
  *     vectors (three ALU ports) were slower still. Two elements per 32-bit word
  *     (oc_adam_bf16_pairs: a shift or a mask to widen, shift, mask and or to narrow, no NaN
  *     selects) cut the conversions from ~20 to ~8 uops per 16 elements: 1.28-1.31 -> 1.16
- *     ns/element in cache (float32 Adam 0.96-1.04 in the same runs), 1.06x the float32 step at
- *     256K elements, and the 16M step went from 79% to 98% of its probe.
+ *     ns/element in cache (float32 Adam 0.96-1.04 in the same runs), 1.05-1.09x the float32
+ *     step at 256K elements, and the 16M step from 56-79% to 71-98% of its probe. The two
+ *     hashes (44 of ~107 vector uops per 32 elements) and the divider are what is left.
  *   - gcc 12 left some specializations of one always_inline loop scalar ("control flow in
  *     loop") once some 25 of them were inlined into one large driver, while each vectorized on
  *     its own: keep the specializations in small functions (with their own ISA clones), and

@@ -258,10 +258,11 @@ oc_adam_lp_loop(const oc_adam_h *h, int pk, int gk, int sk, int ck, int psr,
  * or, where 16-bit lanes would need a widening and a narrowing instruction each (8 instead of
  * 20 per 16 elements, all of them on the ALU ports). The values are those of oc_adam_lp_loop,
  * bit for bit, and so are the roundings without its NaN selects: every operand of the
- * arithmetic is a widened bfloat16 (low 16 bits zero) or a hyper-parameter, and every NaN
- * the arithmetic returns is quiet with the payload of such an operand or the default NaN, so
- * its low 16 bits are zero and adding at most 0xffff to them keeps the top half, the quiet
- * NaN the selects would return. An odd last element goes through oc_adam_lp_loop. */
+ * arithmetic is a widened bfloat16 (low 16 bits zero) or a scalar (the hyper-parameters are
+ * finite, and the gradient scale is NaN only as the result of arithmetic on such values), and
+ * every NaN the arithmetic returns is quiet with the payload of such an operand or the default
+ * NaN, so its low 16 bits are zero and adding at most 0xffff to them keeps the top half, the
+ * quiet NaN the selects would return. An odd last element goes through oc_adam_lp_loop. */
 static inline __attribute__((always_inline)) uint32_t
 oc_bf16_pair_sr(float lo, float hi, uint32_t rlo, uint32_t rhi) {
     return ((oc_bits(lo) + (rlo & 0xffffu)) >> 16) | ((oc_bits(hi) + (rhi & 0xffffu)) & 0xffff0000u);
