@@ -139,19 +139,34 @@ static inline __attribute__((always_inline)) float oc_bf16_to_f32(uint16_t b) {
     return oc_float((uint32_t)b << 16);
 }
 
+/* The rounded bfloat16 of a non-NaN x in the top half of a 32-bit word: to nearest even, or
+ * stochastically with 16 random bits r (rounds up with probability (x - down) / ulp). */
+static inline __attribute__((always_inline)) uint32_t oc_bf16_rne_word(float x) {
+    const uint32_t u = oc_bits(x);
+    return u + 0x7fffu + ((u >> 16) & 1u);
+}
+
+static inline __attribute__((always_inline)) uint32_t oc_bf16_sr_word(float x, uint32_t r) {
+    return oc_bits(x) + (r & 0xffffu);
+}
+
 /* The select on NaN (kept a quiet NaN) is taken on the 32-bit word before the one shift and
  * narrowing, so that the vectorized loop narrows once. */
 static inline __attribute__((always_inline)) uint16_t oc_f32_to_bf16_rne(float x) {
-    const uint32_t u = oc_bits(x);
-    const uint32_t w = x != x ? (u | 0x400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+    const uint32_t w = x != x ? (oc_bits(x) | 0x400000u) : oc_bf16_rne_word(x);
     return (uint16_t)(w >> 16);
 }
 
-/* Stochastic rounding with 16 random bits r: rounds up with probability (x - down) / ulp. */
 static inline __attribute__((always_inline)) uint16_t oc_f32_to_bf16_sr(float x, uint32_t r) {
-    const uint32_t u = oc_bits(x);
-    const uint32_t w = x != x ? (u | 0x400000u) : u + (r & 0xffffu);
+    const uint32_t w = x != x ? (oc_bits(x) | 0x400000u) : oc_bf16_sr_word(x, r);
     return (uint16_t)(w >> 16);
+}
+
+/* The top halves of two rounded words in one word of two bfloat16, lo's in the low half. With
+ * the words above, rounding without the NaN select: only for values whose NaNs have zero low
+ * 16 bits (see oc_adam_bf16_pairs). */
+static inline __attribute__((always_inline)) uint32_t oc_bf16_join(uint32_t lo, uint32_t hi) {
+    return (lo >> 16) | (hi & 0xffff0000u);
 }
 
 static inline __attribute__((always_inline)) void

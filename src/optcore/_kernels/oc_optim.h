@@ -252,6 +252,11 @@ oc_adam_lp_loop(const oc_adam_h *h, int pk, int gk, int sk, int ck, int psr,
     }
 }
 
+static int oc_bf16_pairs_on = 1;  /* oc_adam_bf16_pairs is in use (else oc_adam_lp_loop): tests */
+
+/* A 32-bit word of two bfloat16 elements, at any 2-byte aligned address. */
+typedef uint32_t oc_bf16_pair __attribute__((may_alias, aligned(2)));
+
 /* oc_adam_lp_loop for bfloat16 parameter, gradient, m and v, two elements per 32-bit word:
  * element 2w is the low half of word w (little-endian), so that it widens by one shift and
  * element 2w + 1 by one mask, and the two rounded halves are put back by a shift, a mask and an
@@ -263,21 +268,6 @@ oc_adam_lp_loop(const oc_adam_h *h, int pk, int gk, int sk, int ck, int psr,
  * every NaN the arithmetic returns is quiet with the payload of such an operand or the default
  * NaN, so its low 16 bits are zero and adding at most 0xffff to them keeps the top half, the
  * quiet NaN the selects would return. An odd last element goes through oc_adam_lp_loop. */
-static inline __attribute__((always_inline)) uint32_t
-oc_bf16_pair_sr(float lo, float hi, uint32_t rlo, uint32_t rhi) {
-    return ((oc_bits(lo) + (rlo & 0xffffu)) >> 16) | ((oc_bits(hi) + (rhi & 0xffffu)) & 0xffff0000u);
-}
-
-static inline __attribute__((always_inline)) uint32_t oc_bf16_rne_word(float x) {
-    const uint32_t u = oc_bits(x);
-    return u + 0x7fffu + ((u >> 16) & 1u);
-}
-
-static int oc_bf16_pairs_on = 1;  /* oc_adam_bf16_pairs is in use (else oc_adam_lp_loop): tests */
-
-/* A 32-bit word of two bfloat16 elements, at any 2-byte aligned address. */
-typedef uint32_t oc_bf16_pair __attribute__((may_alias, aligned(2)));
-
 static inline __attribute__((always_inline)) void
 oc_adam_bf16_pairs(const oc_adam_h *h, int psr, uint16_t *p16, uint32_t pbase,
                    const uint16_t *g16, float s, float decay, uint16_t *m16, uint16_t *v16,
@@ -297,12 +287,13 @@ oc_adam_bf16_pairs(const oc_adam_h *h, int psr, uint16_t *p16, uint32_t pbase,
         const float v0 = b2 * oc_float(vw << 16) + b2c * (g0 * g0);
         const float v1 = b2 * oc_float(vw & 0xffff0000u) + b2c * (g1 * g1);
         const uint32_t r0 = oc_mix32(rbase + 2 * w), r1 = oc_mix32(rbase + 2 * w + 1);
-        mp[w] = oc_bf16_pair_sr(m0, m1, r0, r1);
-        vp[w] = oc_bf16_pair_sr(v0, v1, r0 >> 16, r1 >> 16);
+        mp[w] = oc_bf16_join(oc_bf16_sr_word(m0, r0), oc_bf16_sr_word(m1, r1));
+        vp[w] = oc_bf16_join(oc_bf16_sr_word(v0, r0 >> 16), oc_bf16_sr_word(v1, r1 >> 16));
         const float n0 = p0 - ss * (m0 / (sqrtf(v0) / bc2s + eps));
         const float n1 = p1 - ss * (m1 / (sqrtf(v1) / bc2s + eps));
-        pp[w] = psr ? oc_bf16_pair_sr(n0, n1, oc_mix32(pbase + 2 * w), oc_mix32(pbase + 2 * w + 1))
-                    : (oc_bf16_rne_word(n0) >> 16) | (oc_bf16_rne_word(n1) & 0xffff0000u);
+        pp[w] = psr ? oc_bf16_join(oc_bf16_sr_word(n0, oc_mix32(pbase + 2 * w)),
+                                   oc_bf16_sr_word(n1, oc_mix32(pbase + 2 * w + 1)))
+                    : oc_bf16_join(oc_bf16_rne_word(n0), oc_bf16_rne_word(n1));
     }
 }
 
@@ -429,28 +420,25 @@ static inline __attribute__((always_inline)) void
 oc_adam_lp_call(const oc_adam_lp_args *a, int pk, int gk, int sk, int ck, int psr) {
     const oc_lp_slot *S = a->S;
     const int hs = sk == OC_BF16;
+    int64_t e = 0;  /* elements done two per word; the one-element loop runs [e, n) */
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     if (pk == OC_BF16 && gk == OC_BF16 && hs && oc_bf16_pairs_on) {
-        const int64_t e = a->n / 2 * 2;
+        e = a->n / 2 * 2;
         oc_adam_bf16_pairs(a->h, psr, (uint16_t *)S[0].data, S[0].base + a->first,
                            (const uint16_t *)S[1].data, a->s, a->decay, (uint16_t *)S[3].data,
                            (uint16_t *)S[4].data, S[3].base + a->first, e);
-        if (e < a->n)
-            oc_adam_lp_loop(a->h, pk, gk, sk, ck, psr, NULL, (uint16_t *)S[0].data + e,
-                            S[0].base + a->first + (uint32_t)e, NULL, (const uint16_t *)S[1].data + e,
-                            a->s, a->decay, NULL, NULL, (uint16_t *)S[3].data + e,
-                            (uint16_t *)S[4].data + e, S[3].base + a->first + (uint32_t)e, NULL, 1);
-        return;
+        if (e == a->n) return;
     }
 #endif
-    oc_adam_lp_loop(a->h, pk, gk, sk, ck, psr, pk == OC_F32 ? (float *)S[0].data : NULL,
-                    pk == OC_F32 ? NULL : (uint16_t *)S[0].data, S[0].base + a->first,
-                    gk == OC_F32 ? (const float *)S[1].data : NULL,
-                    gk == OC_F32 ? NULL : (const uint16_t *)S[1].data, a->s, a->decay,
-                    hs ? NULL : (float *)S[3].data, hs ? NULL : (float *)S[4].data,
-                    hs ? (uint16_t *)S[3].data : NULL, hs ? (uint16_t *)S[4].data : NULL,
-                    S[3].base + a->first,
-                    ck == OC_NO_COPY ? NULL : (uint16_t *)S[OC_SLOT_COPY].data, a->n);
+    const uint32_t first = a->first + (uint32_t)e;
+    oc_adam_lp_loop(a->h, pk, gk, sk, ck, psr, pk == OC_F32 ? (float *)S[0].data + e : NULL,
+                    pk == OC_F32 ? NULL : (uint16_t *)S[0].data + e, S[0].base + first,
+                    gk == OC_F32 ? (const float *)S[1].data + e : NULL,
+                    gk == OC_F32 ? NULL : (const uint16_t *)S[1].data + e, a->s, a->decay,
+                    hs ? NULL : (float *)S[3].data + e, hs ? NULL : (float *)S[4].data + e,
+                    hs ? (uint16_t *)S[3].data + e : NULL, hs ? (uint16_t *)S[4].data + e : NULL,
+                    S[3].base + first,
+                    ck == OC_NO_COPY ? NULL : (uint16_t *)S[OC_SLOT_COPY].data + e, a->n - e);
 }
 
 static inline __attribute__((always_inline)) void
