@@ -153,6 +153,8 @@ def no_overlap(named_lists):
 
 def real(name, value):
     """Check that ``value`` is a real number (not bool) and return it as a float."""
+    if type(value) is float:  # the common case, without the abstract-class checks below
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)

@@ -30,9 +30,12 @@ def plain(h):
     (NumPy 2 keeps ``np.float32(lr) / 0.1`` in float32)."""
     out = {}
     for k, v in h.items():
-        if isinstance(v, (bool, np.bool_)):
+        if type(v) is float:  # the common case, without the abstract-class checks below
+            out[k] = v
+        elif isinstance(v, (bool, np.bool_)):
             out[k] = bool(v)
-        elif isinstance(v, (tuple, list)) and all(isinstance(x, Real) for x in v):
+        elif isinstance(v, (tuple, list)) and all(type(x) is float or isinstance(x, Real)
+                                                  for x in v):
             out[k] = tuple(float(x) for x in v)
         elif isinstance(v, Real):
             out[k] = float(v)
