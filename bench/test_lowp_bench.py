@@ -19,6 +19,10 @@ implementation's fraction of its own roofline):
   Adam on bf16 params with Kahan summation, 18 B/element; its probe pattern ``adam_bf16all``
   moves 14, so its ``of_limit`` is only indicative).
 
+Group ``adam-int8-phases-64K-1t`` (``test_adam_int8_phases``): the 8-bit step on data in
+cache at one thread, beside its phases (decoding both moments, requantizing them) and the
+float32 step, to show where its time goes.
+
 ``OPTCORE_BENCH_SMOKE=1`` shrinks to 64k elements.
 """
 import importlib
@@ -107,3 +111,51 @@ def test_adam_lowp(benchmark, size, impl):
         optcore.set_num_threads(None)
         if torch is not None:
             torch.set_num_threads(before)
+
+
+# ---- the 8-bit step in cache, against its phases ---------------------------------------------
+
+PHASES_N = 1 << 16  # one thread; the 8-bit step's buffers (640 KB) and float32's (1 MB) fit L2
+PHASES = ["decode-m-v", "requantize-m-v", "optcore-float32", "optcore-int8"]
+
+
+def _phase(phase, n):
+    from optcore import _lowp
+    from optcore._kernels import _optim
+
+    rng = np.random.default_rng(0)
+    if phase in ("optcore-float32", "optcore-int8"):
+        p = rng.standard_normal(n, dtype=np.float32)
+        g = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
+        return optcore.Adam([(p, g)], lr=1e-3, state_dtype=phase.split("-")[1]).step
+    m = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
+    v = m * m
+    mq, vq = np.empty(n, np.uint8), np.empty(n, np.uint8)
+    am, av = np.empty(_lowp.blocks(n), np.float32), np.empty(_lowp.blocks(n), np.float32)
+
+    def requantize():
+        _optim.q8_quantize(m, mq, am, True)
+        _optim.q8_quantize(v, vq, av, False)
+
+    def decode():
+        _optim.q8_dequantize(mq, am, m, True)
+        _optim.q8_dequantize(vq, av, v, False)
+
+    requantize()
+    return decode if phase == "decode-m-v" else requantize
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_adam_int8_phases(benchmark, phase):
+    """Why the 8-bit step is compute-bound: on data in cache at one thread, the step against
+    its phases, decoding both moments (``q8_dequantize``, the step's decoder), requantizing
+    them (``q8_quantize``: absmax and codes, the step's encoder), and the float32 step (the
+    update and its divisions). The two steps include optcore's per-step Python (~10 us)."""
+    step = _phase(phase, PHASES_N)
+    optcore.set_num_threads(1)
+    try:
+        benchmark.group = "adam-int8-phases-64K-1t"
+        benchmark.extra_info.update(elements=PHASES_N, threads=1)
+        benchmark.pedantic(step, rounds=3 if SMOKE else 30, iterations=10, warmup_rounds=1)
+    finally:
+        optcore.set_num_threads(None)

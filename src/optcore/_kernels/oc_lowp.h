@@ -82,10 +82,22 @@
  *     values are defined by that arithmetic, see oc_q8_magnitude); a six-compare level chain
  *     -> the exponent's binade table and one compare; narrowing in registers (vpmovdb). The
  *     loop is still ~100 uops per 16 elements (decode 28, Adam 14, encode 54) against ~25 for
- *     float32 Adam, so it stays compute-bound, and two threads on this VM's two vCPUs scale
- *     it only ~1.5x. Software-pipelining the requantization of block b - 1 into the update of
- *     block b (over whole chunks) did not pay, the ports, not the divider's latency, being
- *     the limit; nor did a gather (vgatherdps) instead of the permutes.
+ *     float32 Adam, so it stays compute-bound. Software-pipelining the requantization of
+ *     block b - 1 into the update of block b did not pay (over whole chunks, and again 16 or
+ *     64 elements at a time), the ports, not the divider's latency, being the limit; nor did
+ *     a gather (vgatherdps) instead of the permutes.
+ *   - The phases, one thread, 4096 elements in L1, C harness over these headers (ns/element,
+ *     m and v together): decoding 0.31, requantizing 0.62, the update alone 0.73-0.77 (the
+ *     divider: two divisions and a square root per 16 elements take 31 cycles), the fused
+ *     step 1.46-1.59. The divider does not hold the ports: 24 extra permutes (port 5) or 24
+ *     extra integer adds (ports 0/5) per 16 elements beside it cost nothing (31-33 cycles),
+ *     48 adds 35-43, so the step is the ports' ~100 uops, overlapped with the divider.
+ *   - An AVX-512 VBMI decoder (the 256-entry value table as four byte planes, two vpermi2b
+ *     and a blend per plane, unpacks back to floats: ~26 uops per 64 elements against ~50)
+ *     measured 0.29-0.30 against 0.31 ns/element, and no faster in the fused step (1.52-1.57
+ *     in L1; equal within noise at 16M, 2 threads): every byte shuffle of a 512-bit vector
+ *     issues on port 5 alone (17 of its 26 uops). Narrowing by vpackusdw/vpackuswb and one
+ *     vpermd instead of vpmovdb: 0.61 against 0.62. Neither was kept.
  */
 #ifndef OC_LOWP_H
 #define OC_LOWP_H
