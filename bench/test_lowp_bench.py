@@ -123,11 +123,9 @@ def _phase(phase, n):
     from optcore import _lowp
     from optcore._kernels import _optim
 
-    rng = np.random.default_rng(0)
     if phase in ("optcore-float32", "optcore-int8"):
-        p = rng.standard_normal(n, dtype=np.float32)
-        g = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
-        return optcore.Adam([(p, g)], lr=1e-3, state_dtype=phase.split("-")[1]).step
+        return _stepper(phase, n)
+    rng = np.random.default_rng(0)
     m = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
     v = m * m
     mq, vq = np.empty(n, np.uint8), np.empty(n, np.uint8)

@@ -96,9 +96,9 @@
  *     and a blend per plane, unpacks back to floats: ~26 uops per 64 elements against ~50)
  *     measured 0.29-0.30 against 0.31 ns/element, and no faster in the fused step (1.52-1.57
  *     in L1; at 16M, 2 threads equal within noise, or slower when each block was decoded
- *     before its update): every byte shuffle of a 512-bit vector
- *     issues on port 5 alone (17 of its 26 uops). Narrowing by vpackusdw/vpackuswb and one
- *     vpermd instead of vpmovdb: 0.61 against 0.62. Neither was kept.
+ *     before its update): every byte shuffle of a 512-bit vector issues on port 5 alone (17
+ *     of its 26 uops). Narrowing by vpackusdw/vpackuswb and one vpermd instead of vpmovdb:
+ *     0.61 against 0.62. Neither was kept.
  */
 #ifndef OC_LOWP_H
 #define OC_LOWP_H
