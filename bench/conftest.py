@@ -3,6 +3,8 @@
 - ``OPTCORE_BENCH_SMOKE=1`` shrinks every size to at most 64k elements, so that
   ``pytest bench --benchmark-disable`` runs every benchmark once, in seconds (the CI smoke run).
 - The session fixture ``probe_limits`` measures the roofline probe (``optcore.bench``) once.
+- ``deepspeed_cpu_adam`` builds DeepSpeed's CPU Adam, the baseline of the Adam benchmarks
+  beside torch's (skipped when DeepSpeed is not installed).
 - For every benchmark whose ``extra_info`` has ``bytes`` and ``pattern`` (one of ``adam``,
   ``sgd``, ``sumsq``, ``triad``, ``copy``; ``threads`` defaults to 1), the autouse fixture below
   adds, after the run: ``gbps`` (bytes / fastest round), ``gbps_median``, ``limit_gbps`` (the
@@ -38,6 +40,24 @@ def layout(spec):
     sizes = lay.sizes[:SMOKE_MAX_TENSORS]
     per = max(1, SMOKE_MAX_ELEMENTS // (2 * len(sizes)))
     return ob.Layout(spec, [(min(s, per),) for s in sizes])
+
+
+def deepspeed_cpu_adam(params, name, hyper, **kw):
+    """DeepSpeed's CPU Adam (``deepspeed.ops.adam.DeepSpeedCPUAdam``, the optimizer of
+    ZeRO-Offload) over ``params`` with the hyper-parameters ``hyper`` of optimizer ``name``
+    (``"adam"`` or ``"adamw"``: decoupled weight decay). ``kw`` goes to the class (e.g.
+    ``fp32_optimizer_states=False`` to keep bf16 state for bf16 params). It runs on the OpenMP
+    runtime torch uses, so ``torch.set_num_threads`` sets its threads. Its kernel is compiled
+    on first use (about a minute on two cores) and cached by torch. Skips the benchmark when
+    DeepSpeed is not installed (``pip install ".[deepspeed-baseline]"``)."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except ImportError:
+        pytest.skip("deepspeed is not installed")
+    if name not in ("adam", "adamw"):
+        raise ValueError(f"DeepSpeed's CPU Adam has no {name!r} rule")
+    return DeepSpeedCPUAdam(params, lr=hyper["lr"], weight_decay=hyper.get("weight_decay", 0.0),
+                            adamw_mode=name == "adamw", **kw)
 
 
 class ProbeLimits:

@@ -17,7 +17,11 @@ implementation's fraction of its own roofline):
   (bitsandbytes' Adam8bit), ``torchao-adamw8bit`` (torchao's AdamW8bit: its first step compiles
   for tens of seconds, so it is left out of smoke runs) and ``optimi-bf16-kahan`` (torch-optimi's
   Adam on bf16 params with Kahan summation, 18 B/element; its probe pattern ``adam_bf16all``
-  moves 14, so its ``of_limit`` is only indicative).
+  moves 14, so its ``of_limit`` is only indicative);
+- where DeepSpeed is installed (``pip install optcore[deepspeed-baseline]``): its CPU Adam
+  (``DeepSpeedCPUAdam``, ZeRO-Offload's optimizer) on float32 (``ds-cpu-adam-fp32``) and on
+  bf16 params and grads with bf16 state (``ds-cpu-adam-bf16``, ``fp32_optimizer_states=False``,
+  rounded to nearest: 14 B/element, as ``optcore-bf16-params``).
 
 Group ``adam-int8-phases-64K-1t`` (``test_adam_int8_phases``): the 8-bit step on data in
 cache at one thread, beside its phases (decoding both moments, requantizing them) and the
@@ -33,7 +37,7 @@ import pytest
 import optcore
 from optcore import bench as ob
 
-from conftest import SMOKE, SMOKE_MAX_ELEMENTS
+from conftest import SMOKE, SMOKE_MAX_ELEMENTS, deepspeed_cpu_adam
 
 SIZES = {"16M": 1 << 24, "64M": 1 << 26}
 IMPLS = {
@@ -47,6 +51,8 @@ IMPLS = {
     "bnb-adam8bit": (16 + 16 / 256, "adam_int8"),
     "torchao-adamw8bit": (16 + 16 / 256, "adam_int8"),
     "optimi-bf16-kahan": (18, "adam_bf16all"),
+    "ds-cpu-adam-fp32": (28, "adam"),
+    "ds-cpu-adam-bf16": (14, "adam_bf16all"),
 }
 
 
@@ -61,11 +67,15 @@ def _torch_stepper(impl, n):
     torch = ob.torch_available()
     if torch is None:
         pytest.skip("torch is not installed")
-    dtype = torch.bfloat16 if impl in ("torch-fused-bf16", "optimi-bf16-kahan") else torch.float32
+    bf16 = ("torch-fused-bf16", "optimi-bf16-kahan", "ds-cpu-adam-bf16")
+    dtype = torch.bfloat16 if impl in bf16 else torch.float32
     p = torch.nn.Parameter(torch.randn(n, dtype=dtype))
     p.grad = (torch.randn(n) * 1e-3).to(dtype)
     if impl.startswith("torch-fused"):
         return torch.optim.Adam([p], lr=1e-3, fused=True).step
+    if impl.startswith("ds-cpu-adam"):
+        return deepspeed_cpu_adam([p], "adam", {"lr": 1e-3},
+                                  fp32_optimizer_states=dtype == torch.float32).step
     if impl == "bnb-adam8bit":
         return _need("bitsandbytes").optim.Adam8bit([p], lr=1e-3).step
     if impl == "torchao-adamw8bit":

@@ -9,7 +9,8 @@ Groups (names end in the implementation):
   than) and ``torch.optim`` (``...-torch``: ``fused=True`` where torch has a fused CPU path,
   else ``foreach=True``), for every optimizer on one 16M tensor and ResNet-50's 161 tensors,
   and for Adam on 1000 tensors of 1000 elements (target: >= 10x torch fused Adam; RMSprop,
-  Adamax and NAdam at 16M: >= 4x torch).
+  Adamax and NAdam at 16M: >= 4x torch). Adam and AdamW also run DeepSpeed's CPU Adam
+  (``...-deepspeed``, ``DeepSpeedCPUAdam``) where DeepSpeed is installed.
 - ``clip_grad_norm_-1000x1000-<threads>t``: ``clip_grad_norm_`` over 1000 tensors of 1000
   elements with the same gradients every round (``...-optcore.torch``, target >= 10x
   ``...-torch``), and with new gradient tensors before every round, as after
@@ -27,14 +28,15 @@ import pytest
 import optcore
 from optcore import bench as ob
 
-from conftest import SMOKE, SMOKE_MAX_TENSORS
+from conftest import SMOKE, SMOKE_MAX_TENSORS, deepspeed_cpu_adam
 from conftest import layout as _layout
 
 torch = pytest.importorskip("torch")
 import optcore.torch as ot  # noqa: E402
 
 THREADS = [1, 2]
-IMPLS = ["optcore.torch", "pairs", "torch"]
+IMPLS = ["optcore.torch", "pairs", "torch", "deepspeed"]
+DEEPSPEED_RULES = ("adam", "adamw")  # the rules of DeepSpeed's CPU Adam
 LAYOUTS = {"16M": ob.OPTIMIZERS, "resnet50": ob.OPTIMIZERS, "1000x1000": ("adam",)}
 _CLASS = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
           "adamw": "AdamW", "adamax": "Adamax", "nadam": "NAdam"}
@@ -52,8 +54,12 @@ def _stepper(impl, name, layout):
     stepper = ob.make_stepper("torch", name, layout)
     if impl == "optcore.torch":
         stepper.opt = getattr(ot, _CLASS[name])(stepper.params, **ob.HYPER[name])
-        stepper.opt.step()  # creates the state
-        stepper.variant = "optcore.torch"
+    elif impl == "deepspeed":
+        stepper.opt = deepspeed_cpu_adam(stepper.params, name, ob.HYPER[name])
+    else:
+        return stepper
+    stepper.opt.step()  # creates the state
+    stepper.variant = impl
     return stepper
 
 
@@ -77,7 +83,8 @@ def _set_threads(threads):
 
 
 _STEP_CASES = [(spec, name, impl, t) for spec, names in LAYOUTS.items() for name in names
-               for impl in IMPLS for t in THREADS]
+               for impl in IMPLS for t in THREADS
+               if impl != "deepspeed" or name in DEEPSPEED_RULES]
 
 
 @pytest.mark.parametrize("spec, name, impl, threads", _STEP_CASES,

@@ -7,12 +7,19 @@ optimizer with fused clipping, (c) (b) plus optcore's batch norm, (d) (c) with B
 Each round is one step (zero_grad, forward, loss, backward, clipping, step) on the next of the
 model's batches. ``optcore bench --training`` prints the same comparison as one table, with the
 shares of batch norm and of the optimizer and the loss check.
+
+For Adam and AdamW the groups also hold ``test_training_step_deepspeed``: variant (a) with
+DeepSpeed's CPU Adam (``DeepSpeedCPUAdam``, ZeRO-Offload's optimizer) in place of torch's fused
+optimizer, where DeepSpeed is installed.
 """
+import math
 import os
 
 import pytest
 
 import optcore
+
+from conftest import deepspeed_cpu_adam
 
 torch = pytest.importorskip("torch")
 training = pytest.importorskip("optcore.torch.training")
@@ -25,16 +32,30 @@ SMOKE = os.environ.get("OPTCORE_BENCH_SMOKE", "") not in ("", "0")
 @pytest.mark.parametrize("optimizer", training.OPTIMIZERS)
 @pytest.mark.parametrize("model", list(training.MODELS))
 def test_training_step(benchmark, model, optimizer, variant):
+    net, opt, batches = training.make_variant(variant, model, optimizer, SMOKE)
+    _bench_steps(benchmark, model, optimizer, training.VARIANTS[variant], net, opt, batches,
+                 torch_clip=variant == 0)
+
+
+@pytest.mark.parametrize("optimizer", [o for o in training.OPTIMIZERS if o in ("adam", "adamw")])
+@pytest.mark.parametrize("model", list(training.MODELS))
+def test_training_step_deepspeed(benchmark, model, optimizer):
+    net, torch_opt, batches = training.make_variant(0, model, optimizer, SMOKE)
+    opt = deepspeed_cpu_adam(net.parameters(), optimizer, torch_opt.defaults)
+    _bench_steps(benchmark, model, optimizer, "(a) deepspeed", net, opt, batches, torch_clip=True)
+
+
+def _bench_steps(benchmark, model, optimizer, variant, net, opt, batches, torch_clip):
     threads = optcore.get_num_threads()
     torch.set_num_threads(threads)
-    net, opt, batches = training.make_variant(variant, model, optimizer, SMOKE)
-    state = {"step": 0}
+    state = {"step": 0, "loss": 0.0}
 
     def step():
         x, target = batches[state["step"] % len(batches)]
         state["step"] += 1
-        training.train_step(net, opt, x, target, torch_clip=variant == 0)
+        state["loss"] = training.train_step(net, opt, x, target, torch_clip=torch_clip)[0]
 
     benchmark.group = f"training-{model}-{optimizer}"
-    benchmark.extra_info.update({"variant": training.VARIANTS[variant], "threads": threads})
+    benchmark.extra_info.update({"variant": variant, "threads": threads})
     benchmark.pedantic(step, rounds=2 if SMOKE else 10, iterations=1, warmup_rounds=1)
+    assert math.isfinite(state["loss"])
