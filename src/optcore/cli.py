@@ -1,5 +1,6 @@
 """The ``optcore`` command."""
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -83,9 +84,12 @@ def _bench_training(args):
         if not args.no_progress:
             print(f"  measuring {msg} ...", file=sys.stderr, flush=True)
 
+    if args.deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError("--deepspeed needs DeepSpeed: pip install 'optcore[deepspeed-baseline]'")
     result = training.run(models=models, optimizers=optimizers, threads=threads[0],
                           steps=args.steps or (6 if args.quick else 20),
-                          warmup=2 if args.quick else 5, quick=args.quick, progress=progress)
+                          warmup=2 if args.quick else 5, quick=args.quick, progress=progress,
+                          deepspeed=args.deepspeed)
     print(training.format_table(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -284,6 +288,9 @@ def build_parser():
                    help="with --training: subset of resnet18,resnet18-cl,mlp (default: all)")
     p.add_argument("--steps", type=_positive, metavar="N",
                    help="with --training: steps per variant, the first 5 untimed (default 20)")
+    p.add_argument("--deepspeed", action="store_true",
+                   help="with --training: also (a) with DeepSpeed's CPU Adam for adam and adamw "
+                        "(needs deepspeed: pip install 'optcore[deepspeed-baseline]')")
     p.set_defaults(func=_bench)
     _add_compare(sub)
     return parser

@@ -17,6 +17,10 @@ Four variants of each step, per optimizer (Adam, AdamW, RMSprop, NAdam):
 - ``(c) +bn``: (b) on the model converted by :func:`optcore.torch.convert_batchnorm`;
 - ``(d) +bn-relu``: (c) with batch norm + ReLU fused wherever the model has the pair.
 
+With ``deepspeed=True`` (``optcore bench --training --deepspeed``), Adam and AdamW also run
+``(a) deepspeed``: (a) with DeepSpeed's CPU Adam (``deepspeed.ops.adam.DeepSpeedCPUAdam``,
+the optimizer of ZeRO-Offload) in place of torch's fused one, interleaved with the others.
+
 The variants of one (model, format, optimizer) start from the same weights and see the same
 batch, and run interleaved step by step, so they share the machine's load; each step is timed
 and the median over the steps after the warm-up is reported. The share of the step in the
@@ -43,13 +47,17 @@ from optcore.torch import batchnorm as _bn
 from optcore.torch import optim as _optim
 from optcore.torch.models import MLP, ResNet18
 
-__all__ = ["MODELS", "OPTIMIZERS", "VARIANTS", "make_variant", "train_step", "run",
-           "format_table"]
+__all__ = ["MODELS", "OPTIMIZERS", "VARIANTS", "DEEPSPEED_VARIANT", "DEEPSPEED_OPTIMIZERS",
+           "make_variant", "make_deepspeed_variant", "train_step", "run", "format_table"]
 
 #: Model configurations: name -> (memory format, batch size)
 MODELS = {"resnet18": ("nchw", 32), "resnet18-cl": ("channels_last", 32), "mlp": ("rows", 256)}
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "nadam")
 VARIANTS = ("(a) torch", "(b) optim", "(c) +bn", "(d) +bn-relu")
+#: The baseline variant of ``run(deepspeed=True)``: (a) with DeepSpeed's CPU Adam
+DEEPSPEED_VARIANT = "(a) deepspeed"
+#: The optimizers of :data:`DEEPSPEED_VARIANT` (DeepSpeed's CPU Adam has Adam and AdamW)
+DEEPSPEED_OPTIMIZERS = ("adam", "adamw")
 
 # Learning rate 1e-4 for every rule: the Adam family and RMSprop move every weight by about
 # lr (10 lr for RMSprop) in their first steps whatever its gradient, so float32 rounding
@@ -121,6 +129,33 @@ def make_variant(variant, model_name, opt_name, quick):
     return model, opt, batches
 
 
+def make_deepspeed_variant(model_name, opt_name, quick):
+    """Variant (a) with DeepSpeed's CPU Adam in place of torch's optimizer: the same model,
+    batches and hyper-parameters (AdamW with ``adamw_mode=True``, decoupled decay). The
+    parameters and the returned ``(model, optimizer, batches)`` are those of
+    :func:`make_variant`, without ``variant``; ``opt_name`` is one of
+    :data:`DEEPSPEED_OPTIMIZERS`.
+
+    Raises
+    ------
+    ImportError
+        DeepSpeed is not installed (``pip install "optcore[deepspeed-baseline]"``; its kernel
+        compiles on first use, about a minute).
+    ValueError
+        ``opt_name`` is not one of :data:`DEEPSPEED_OPTIMIZERS`.
+    """
+    if opt_name not in DEEPSPEED_OPTIMIZERS:
+        raise ValueError(f"DeepSpeed's CPU Adam runs {', '.join(DEEPSPEED_OPTIMIZERS)}; "
+                         f"not {opt_name!r}")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    model, opt, batches = make_variant(0, model_name, opt_name, quick)
+    d = opt.defaults
+    ds = DeepSpeedCPUAdam(model.parameters(), lr=d["lr"], betas=d["betas"], eps=d["eps"],
+                          weight_decay=d["weight_decay"], adamw_mode=opt_name == "adamw")
+    return model, ds, batches
+
+
 def train_step(model, opt, x, target, torch_clip):
     """One training step: zero_grad, forward, cross-entropy, backward, clipping (by
     ``clip_grad_norm_`` when ``torch_clip``, else inside the optimizer) and the step.
@@ -185,17 +220,25 @@ def _torch_drift(model_name, opt_name, steps, quick, threads, ref):
     return _rel_diff(losses, ref)
 
 
-def _measure(model_name, opt_name, steps, warmup, quick, bn_time, threads):
-    """Rows of the four variants of one (model, optimizer), run interleaved step by step."""
+def _measure(model_name, opt_name, steps, warmup, quick, bn_time, threads, deepspeed):
+    """Rows of the four variants of one (model, optimizer), and of (a) with DeepSpeed's CPU
+    Adam when ``deepspeed`` and it has the rule, run interleaved step by step."""
+    names = list(VARIANTS)
     setups = [make_variant(v, model_name, opt_name, quick) for v in range(len(VARIANTS))]
-    times = [[] for _ in VARIANTS]
-    opt_times = [[] for _ in VARIANTS]
-    losses = [[] for _ in VARIANTS]
+    bn_time = list(bn_time)
+    if deepspeed and opt_name in DEEPSPEED_OPTIMIZERS:
+        names.append(DEEPSPEED_VARIANT)
+        setups.append(make_deepspeed_variant(model_name, opt_name, quick))
+        bn_time.append(bn_time[0])  # torch's batch norm, as (a)
+    torch_clip = [v == 0 or name == DEEPSPEED_VARIANT for v, name in enumerate(names)]
+    times = [[] for _ in names]
+    opt_times = [[] for _ in names]
+    losses = [[] for _ in names]
     for s in range(steps):
         for v, (model, opt, batches) in enumerate(setups):
             x, target = batches[s % len(batches)]
             t0 = time.perf_counter()
-            loss, t_opt = train_step(model, opt, x, target, torch_clip=v == 0)
+            loss, t_opt = train_step(model, opt, x, target, torch_clip=torch_clip[v])
             if s >= warmup:
                 times[v].append(time.perf_counter() - t0)
                 opt_times[v].append(t_opt)
@@ -203,7 +246,7 @@ def _measure(model_name, opt_name, steps, warmup, quick, bn_time, threads):
     rows = []
     base = statistics.median(times[0])
     floor = _torch_drift(model_name, opt_name, steps, quick, threads, losses[0])
-    for v, name in enumerate(VARIANTS):
+    for v, name in enumerate(names):
         step_s = statistics.median(times[v])
         diff = _rel_diff(losses[v], losses[0])
         rows.append(dict(
@@ -215,7 +258,7 @@ def _measure(model_name, opt_name, steps, warmup, quick, bn_time, threads):
 
 
 def run(models=tuple(MODELS), optimizers=OPTIMIZERS, threads=2, steps=20, warmup=5,
-        quick=False, progress=None):
+        quick=False, progress=None, deepspeed=False):
     """Time the four variants of a training step for every model and optimizer.
 
     Parameters
@@ -234,6 +277,9 @@ def run(models=tuple(MODELS), optimizers=OPTIMIZERS, threads=2, steps=20, warmup
         Tiny models and batches: a smoke test of seconds.
     progress : callable, optional
         Called with a line of text before each measurement.
+    deepspeed : bool
+        Also time :data:`DEEPSPEED_VARIANT` for the optimizers of
+        :data:`DEEPSPEED_OPTIMIZERS` (needs DeepSpeed; ImportError without it).
 
     Returns
     -------
@@ -241,11 +287,21 @@ def run(models=tuple(MODELS), optimizers=OPTIMIZERS, threads=2, steps=20, warmup
         ``config`` (the arguments and versions), ``rows`` (one dict per model, optimizer and
         variant: ``step_s``, ``speedup`` over (a), ``bn_share``, ``optim_share``,
         ``loss_rel_diff`` against (a), ``torch_drift`` -- (a) against itself at another
-        thread count -- and ``losses``) and ``losses_agree`` (every relative difference
-        <= max(1e-4, 2 torch_drift)).
+        thread count -- and ``losses``) and ``losses_agree`` (every relative difference of
+        variants (b)-(d) <= max(1e-4, 2 torch_drift)); with ``deepspeed``, also
+        ``deepspeed_losses_agree``, the same check of :data:`DEEPSPEED_VARIANT`'s rows.
     """
     if steps <= warmup:
         raise ValueError(f"steps must exceed warmup ({warmup}), got {steps}")
+    config = dict(models=list(models), optimizers=list(optimizers), threads=threads,
+                  steps=steps, warmup=warmup, quick=quick, torch=torch.__version__)
+    if deepspeed:
+        try:
+            import deepspeed as ds
+        except ImportError as exc:
+            raise ImportError("deepspeed=True needs DeepSpeed "
+                              f"(pip install \"optcore[deepspeed-baseline]\"): {exc}") from exc
+        config["deepspeed"] = ds.__version__
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     optcore.set_num_threads(threads)
@@ -260,15 +316,20 @@ def run(models=tuple(MODELS), optimizers=OPTIMIZERS, threads=2, steps=20, warmup
                 bn.append(_bn_seconds(model, batches[0][0], repeats=3 if quick else 10))
             for opt_name in optimizers:
                 if progress:
-                    progress(f"{model_name} {opt_name}: {steps} steps x {len(VARIANTS)} variants")
-                rows += _measure(model_name, opt_name, steps, warmup, quick, bn, threads)
+                    extra = deepspeed and opt_name in DEEPSPEED_OPTIMIZERS
+                    progress(f"{model_name} {opt_name}: {steps} steps x "
+                             f"{len(VARIANTS) + extra} variants")
+                rows += _measure(model_name, opt_name, steps, warmup, quick, bn, threads,
+                                 deepspeed)
     finally:
         torch.set_num_threads(before)
         optcore.set_num_threads(None)
-    return dict(
-        config=dict(models=list(models), optimizers=list(optimizers), threads=threads,
-                    steps=steps, warmup=warmup, quick=quick, torch=torch.__version__),
-        rows=rows, losses_agree=all(_agrees(r) for r in rows))
+    baseline = [r["variant"] == DEEPSPEED_VARIANT for r in rows]
+    result = dict(config=config, rows=rows,
+                  losses_agree=all(_agrees(r) for r, b in zip(rows, baseline) if not b))
+    if deepspeed:
+        result["deepspeed_losses_agree"] = all(_agrees(r) for r, b in zip(rows, baseline) if b)
+    return result
 
 
 def _agrees(row):
@@ -288,11 +349,18 @@ def format_table(result):
             f"{r['step_s'] * 1e3:>9.2f}{r['speedup']:>7.2f}{r['bn_share'] * 100:>7.1f}"
             f"{r['optim_share'] * 100:>9.1f}{r['loss_rel_diff']:>11.1e}{r['torch_drift']:>13.1e}")
     cfg = result["config"]
-    worst = max((r["loss_rel_diff"] for r in result["rows"]), default=0.0)
+    ds = [r["loss_rel_diff"] for r in result["rows"] if r["variant"] == DEEPSPEED_VARIANT]
+    worst = max((r["loss_rel_diff"] for r in result["rows"] if r["variant"] != DEEPSPEED_VARIANT),
+                default=0.0)
     lines.append("")
     lines.append(
         f"threads {cfg['threads']}, median of steps {cfg['warmup'] + 1}-{cfg['steps']}; "
         f"losses over {cfg['steps']} steps agree with (a) to {LOSS_RTOL:g} relative, or to "
         f"twice torch's own drift at another thread count: "
         f"{'yes' if result['losses_agree'] else 'NO'} (largest difference {worst:.1e})")
+    if ds:
+        lines.append(
+            f"{DEEPSPEED_VARIANT}, the same check: "
+            f"{'yes' if result['deepspeed_losses_agree'] else 'NO'} (largest difference "
+            f"{max(ds):.1e}; not in the exit status)")
     return "\n".join(lines)
