@@ -19,8 +19,6 @@ import pytest
 
 import optcore
 
-from conftest import deepspeed_cpu_adam
-
 torch = pytest.importorskip("torch")
 training = pytest.importorskip("optcore.torch.training")
 
@@ -37,12 +35,13 @@ def test_training_step(benchmark, model, optimizer, variant):
                  torch_clip=variant == 0)
 
 
-@pytest.mark.parametrize("optimizer", [o for o in training.OPTIMIZERS if o in ("adam", "adamw")])
+@pytest.mark.parametrize("optimizer", training.DEEPSPEED_OPTIMIZERS)
 @pytest.mark.parametrize("model", list(training.MODELS))
 def test_training_step_deepspeed(benchmark, model, optimizer):
-    net, torch_opt, batches = training.make_variant(0, model, optimizer, SMOKE)
-    opt = deepspeed_cpu_adam(net.parameters(), optimizer, torch_opt.defaults)
-    _bench_steps(benchmark, model, optimizer, "(a) deepspeed", net, opt, batches, torch_clip=True)
+    pytest.importorskip("deepspeed.ops.adam")
+    net, opt, batches = training.make_deepspeed_variant(model, optimizer, SMOKE)
+    _bench_steps(benchmark, model, optimizer, training.DEEPSPEED_VARIANT, net, opt, batches,
+                 torch_clip=True)
 
 
 def _bench_steps(benchmark, model, optimizer, variant, net, opt, batches, torch_clip):
