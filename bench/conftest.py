@@ -43,21 +43,14 @@ def layout(spec):
 
 
 def deepspeed_cpu_adam(params, name, hyper, **kw):
-    """DeepSpeed's CPU Adam (``deepspeed.ops.adam.DeepSpeedCPUAdam``, the optimizer of
-    ZeRO-Offload) over ``params`` with the hyper-parameters ``hyper`` of optimizer ``name``
-    (``"adam"`` or ``"adamw"``: decoupled weight decay). ``kw`` goes to the class (e.g.
-    ``fp32_optimizer_states=False`` to keep bf16 state for bf16 params). It runs on the OpenMP
-    runtime torch uses, so ``torch.set_num_threads`` sets its threads. Its kernel is compiled
-    on first use (about a minute on two cores) and cached by torch. Skips the benchmark when
-    DeepSpeed is not installed (``pip install ".[deepspeed-baseline]"``)."""
-    try:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-    except ImportError:
-        pytest.skip("deepspeed is not installed")
-    if name not in ("adam", "adamw"):
-        raise ValueError(f"DeepSpeed's CPU Adam has no {name!r} rule")
-    return DeepSpeedCPUAdam(params, lr=hyper["lr"], weight_decay=hyper.get("weight_decay", 0.0),
-                            adamw_mode=name == "adamw", **kw)
+    """:func:`optcore.torch.training.deepspeed_adam` (DeepSpeed's CPU Adam) over ``params`` with
+    the hyper-parameters ``hyper`` of optimizer ``name``; ``kw`` goes to DeepSpeed's class.
+    Skips the benchmark when DeepSpeed is not installed (``pip install
+    ".[deepspeed-baseline]"``)."""
+    pytest.importorskip("deepspeed.ops.adam")
+    from optcore.torch.training import deepspeed_adam
+
+    return deepspeed_adam(params, name, **hyper, **kw)
 
 
 class ProbeLimits:

@@ -33,10 +33,10 @@ from conftest import layout as _layout
 
 torch = pytest.importorskip("torch")
 import optcore.torch as ot  # noqa: E402
+from optcore.torch.training import DEEPSPEED_OPTIMIZERS  # noqa: E402
 
 THREADS = [1, 2]
 IMPLS = ["optcore.torch", "pairs", "torch", "deepspeed"]
-DEEPSPEED_RULES = ("adam", "adamw")  # the rules of DeepSpeed's CPU Adam
 LAYOUTS = {"16M": ob.OPTIMIZERS, "resnet50": ob.OPTIMIZERS, "1000x1000": ("adam",)}
 _CLASS = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adam": "Adam",
           "adamw": "AdamW", "adamax": "Adamax", "nadam": "NAdam"}
@@ -84,7 +84,7 @@ def _set_threads(threads):
 
 _STEP_CASES = [(spec, name, impl, t) for spec, names in LAYOUTS.items() for name in names
                for impl in IMPLS for t in THREADS
-               if impl != "deepspeed" or name in DEEPSPEED_RULES]
+               if impl != "deepspeed" or name in DEEPSPEED_OPTIMIZERS]
 
 
 @pytest.mark.parametrize("spec, name, impl, threads", _STEP_CASES,

@@ -51,7 +51,8 @@ from optcore.torch import optim as _optim
 from optcore.torch.models import MLP, ResNet18
 
 __all__ = ["MODELS", "OPTIMIZERS", "VARIANTS", "DEEPSPEED_VARIANT", "DEEPSPEED_OPTIMIZERS",
-           "make_variant", "make_deepspeed_variant", "train_step", "run", "format_table"]
+           "make_variant", "deepspeed_adam", "make_deepspeed_variant", "train_step", "run",
+           "format_table"]
 
 #: Model configurations: name -> (memory format, batch size)
 MODELS = {"resnet18": ("nchw", 32), "resnet18-cl": ("channels_last", 32), "mlp": ("rows", 256)}
@@ -132,12 +133,13 @@ def make_variant(variant, model_name, opt_name, quick):
     return model, opt, batches
 
 
-def make_deepspeed_variant(model_name, opt_name, quick):
-    """Variant (a) with DeepSpeed's CPU Adam in place of torch's optimizer: the same model,
-    batches and hyper-parameters (AdamW with ``adamw_mode=True``, decoupled decay). The
-    parameters and the returned ``(model, optimizer, batches)`` are those of
-    :func:`make_variant`, without ``variant``; ``opt_name`` is one of
-    :data:`DEEPSPEED_OPTIMIZERS`.
+def deepspeed_adam(params, opt_name, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, **kw):
+    """DeepSpeed's CPU Adam (``deepspeed.ops.adam.DeepSpeedCPUAdam``, the optimizer of
+    ZeRO-Offload) over ``params`` for the rule ``opt_name`` of :data:`DEEPSPEED_OPTIMIZERS`
+    with torch's hyper-parameter names: Adam, or AdamW's decoupled decay
+    (``adamw_mode=True``). ``kw`` goes to the class (e.g. ``fp32_optimizer_states=False`` to
+    keep bf16 state for bf16 parameters). It runs on the OpenMP runtime torch uses, so
+    ``torch.set_num_threads`` sets its threads.
 
     Raises
     ------
@@ -152,11 +154,17 @@ def make_deepspeed_variant(model_name, opt_name, quick):
                          f"not {opt_name!r}")
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    model, opt, batches = make_variant(0, model_name, opt_name, quick)
-    d = opt.defaults
-    ds = DeepSpeedCPUAdam(model.parameters(), lr=d["lr"], betas=d["betas"], eps=d["eps"],
-                          weight_decay=d["weight_decay"], adamw_mode=opt_name == "adamw")
-    return model, ds, batches
+    return DeepSpeedCPUAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                            adamw_mode=opt_name == "adamw", **kw)
+
+
+def make_deepspeed_variant(model_name, opt_name, quick):
+    """Variant (a) with :func:`deepspeed_adam` in place of torch's optimizer: the same model,
+    batches and hyper-parameters. The parameters and the returned ``(model, optimizer,
+    batches)`` are those of :func:`make_variant`, without ``variant``; ``opt_name`` is one of
+    :data:`DEEPSPEED_OPTIMIZERS` (ValueError otherwise; ImportError without DeepSpeed)."""
+    model, _, batches = make_variant(0, model_name, opt_name, quick)
+    return model, deepspeed_adam(model.parameters(), opt_name, **_HYPER[opt_name]), batches
 
 
 def train_step(model, opt, x, target, torch_clip):
