@@ -2,6 +2,7 @@
 concurrent calls, flush-to-zero, and the configuration report."""
 import io
 import os
+import pathlib
 import subprocess
 import sys
 import threading
@@ -199,8 +200,28 @@ def test_show_config():
     assert "openmp" in text and "threads" in text and "instruction set" in text
     assert cfg["isa"] in text
     assert cfg["isa"] in ("avx512f", "avx2", "x86-64", "aarch64", "generic")
+    assert isinstance(cfg["isa_dispatch"], bool)
+    assert ("(picked for this CPU)" in text) == cfg["isa_dispatch"]
+    assert ("(the one path built)" in text) == (not cfg["isa_dispatch"])
     assert cfg["num_threads"] == optcore.get_num_threads()
     assert cfg["chunk"] == 16384
+
+
+def test_dispatched_isa_is_the_best_this_cpu_has():
+    """The loader's pick (the target clone in use) against the CPU's own flags: x86-64-v4
+    needs AVX-512 F, BW, DQ, VL and CD."""
+    cfg = optcore.config()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if not cfg["isa_dispatch"] or not cpuinfo.exists():
+        pytest.skip("a build of one instruction set, or no /proc/cpuinfo")
+    flags = set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    v4 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}
+    expected = "avx512f" if v4 <= flags else "avx2" if "avx2" in flags else "x86-64"
+    assert cfg["isa"] == expected
 
 
 def test_cli_info():

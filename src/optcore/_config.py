@@ -13,7 +13,8 @@ def config():
     Keys: ``version``, ``python``, ``numpy``, ``platform``, ``openmp`` (bool),
     ``openmp_version`` (the ``_OPENMP`` date, 0 without OpenMP), ``isa`` (the instruction set
     the kernels dispatch to on this CPU: ``avx512f``, ``avx2``, ``x86-64`` or the
-    architecture), ``num_threads``, ``num_procs``, ``flush_denormal``, ``chunk`` (elements
+    architecture), ``isa_dispatch`` (bool: the loader picked ``isa`` for this CPU; False for a
+    build of one path, ``-Disa=...``, or another architecture), ``num_threads``, ``num_procs``, ``flush_denormal``, ``chunk`` (elements
     per work item).
     """
     from optcore import __version__
@@ -33,7 +34,8 @@ def show_config(file=None):
         f"  python          {info['python']} ({info['platform']}), numpy {info['numpy']}",
         f"  openmp          {omp}",
         f"  threads         {info['num_threads']} of {info['num_procs']} processors",
-        f"  instruction set {info['isa']}",
+        f"  instruction set {info['isa']}"
+        f"{' (picked for this CPU)' if info['isa_dispatch'] else ' (the one path built)'}",
         f"  flush denormals {'on' if info['flush_denormal'] else 'off'}",
         f"  chunk           {info['chunk']} elements",
     ]

@@ -14,6 +14,7 @@ cdef extern from "oc_runtime.h" nogil:
     int oc_num_procs()
     int oc_ftz_supported()
     const char *oc_isa()
+    int oc_isa_dispatch()
 
     int oc_requested_threads
     int oc_flush_denormal
@@ -109,6 +110,7 @@ def build_info():
         "openmp": bool(oc_openmp_enabled()),
         "openmp_version": int(oc_openmp_version()),
         "isa": oc_isa().decode(),
+        "isa_dispatch": bool(oc_isa_dispatch()),
         "num_threads": get_num_threads(),
         "num_procs": int(oc_num_procs()) if oc_openmp_enabled() else (os.cpu_count() or 1),
         "flush_denormal": bool(oc_flush_denormal),

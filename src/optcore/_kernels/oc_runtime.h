@@ -31,9 +31,12 @@ static inline int oc_num_procs(void) {
 #endif
 }
 
-/* The instruction set the OC_CLONES dispatcher selects on this CPU. */
+/* The instruction set the OC_CLONES dispatcher selects on this CPU, or the one path the build
+ * was made for (OPTCORE_ISA), named alike. */
 static inline const char *oc_isa(void) {
-#if OC_X86_DISPATCH
+#if defined(OPTCORE_ISA)
+    return __builtin_strcmp(OPTCORE_ISA, "x86-64-v4") == 0 ? "avx512f" : OPTCORE_ISA;
+#elif OC_X86_DISPATCH
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
@@ -45,6 +48,15 @@ static inline const char *oc_isa(void) {
     return "aarch64";
 #else
     return "generic";
+#endif
+}
+
+/* 1 when the loader picks the instruction set per CPU, 0 for a build of one path. */
+static inline int oc_isa_dispatch(void) {
+#if OC_X86_DISPATCH && !defined(OPTCORE_ISA)
+    return 1;
+#else
+    return 0;
 #endif
 }
 
