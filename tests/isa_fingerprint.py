@@ -26,27 +26,21 @@ import numpy as np
 import optcore
 from optcore import kernels
 
-import reference as R
-from test_kernels import CONFIGS, kernel_call
-from test_lowp import ALL, grads_for
+import test_lowp as lowp
+import test_lowp_params as lowp_params
+from test_kernels import CONFIGS, kernel_call, make_state
+from test_lowp import ALL
 from test_lowp_params import MODES
 
 SHAPES = [(70001,), (33,)]
 
 
-def _fixed_rng(seed):
-    return np.random.default_rng(seed)
-
-
 def _update_kernels(out):
     for c, (rule, h) in enumerate(CONFIGS):
-        rng = _fixed_rng(c)
+        rng = np.random.default_rng(c)
         params = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
         grads = [np.empty(s, np.float32) for s in SHAPES]
-        states = {}
-        for shape in SHAPES:
-            for k, v in R.initial_state(rule, shape, **h).items():
-                states.setdefault(k, []).append(v.astype(np.float32))
+        states = make_state(rule, h, SHAPES)
         mu = 1.0
         for step in range(1, 5):
             for g in grads:
@@ -58,42 +52,36 @@ def _update_kernels(out):
                 out[f"kernel{c}.{rule}.{k}{i}"] = v[i]
 
 
-def _run_optimizer(out, name, opt, ps, gs, steps=3):
-    for t in range(steps):
-        for p, g in zip(ps, gs):
-            g[...] = grads_for(p.astype(np.float32).reshape(-1), t).reshape(p.shape).astype(g.dtype)
-        opt.step()
+def _results_of(out, name, opt, ps, extra=()):
     for i, p in enumerate(ps):
         out[f"{name}.param{i}"] = p
         for k, v in opt.state_of(i).items():
             out[f"{name}.{k}{i}"] = np.asarray(v)
+    for label, arrays in extra:
+        for i, a in enumerate(arrays):
+            out[f"{name}.{label}{i}"] = a
 
 
 def _optimizers(out):
     for c, (cls, hyper) in enumerate(ALL):
         for state_dtype in ("bfloat16", "int8"):
-            rng = _fixed_rng(100 + c)
-            ps = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
-            gs = [np.zeros_like(p) for p in ps]
-            opt = cls(list(zip(ps, gs)), state_dtype=state_dtype, min_8bit_size=32, **hyper)
-            _run_optimizer(out, f"opt{c}.{cls.__name__}.{state_dtype}", opt, ps, gs)
-        for mode, (pdt, gdt, extra, cdt) in MODES.items():
-            rng = _fixed_rng(200 + c)
-            ps = [rng.standard_normal(s).astype(np.float32).astype(pdt) for s in SHAPES]
-            gs = [np.zeros(s, gdt) for s in SHAPES]
-            copies = None if cdt is None else [np.zeros(s, cdt) for s in SHAPES]
-            opt = cls(list(zip(ps, gs)), model_copy=copies, **extra, **hyper)
-            name = f"opt{c}.{cls.__name__}.{mode}"
-            _run_optimizer(out, name, opt, ps, gs)
-            for i, cp in enumerate(copies or []):
-                out[f"{name}.copy{i}"] = cp
+            opt, ps, gs = lowp.make(cls, hyper, state_dtype, n=SHAPES[0][0], small=SHAPES[1][0],
+                                    seed=100 + c, min_8bit_size=32)
+            lowp.run(opt, ps, gs, 3)
+            _results_of(out, f"opt{c}.{cls.__name__}.{state_dtype}", opt, ps)
+        for mode in MODES:
+            opt, ps, gs, copies = lowp_params.make(mode, cls, hyper, shapes=SHAPES, seed=200 + c)
+            for t in range(3):
+                lowp_params.set_grads(ps, gs, t)
+                opt.step()
             comp = opt._groups[0].comp
-            for i, cp in enumerate(comp.arrays if comp is not None else []):
-                out[f"{name}.compensation{i}"] = cp
+            _results_of(out, f"opt{c}.{cls.__name__}.{mode}", opt, ps,
+                        [("copy", copies or []),
+                         ("compensation", comp.arrays if comp is not None else [])])
 
 
 def _norms_and_clipping(out):
-    rng = _fixed_rng(300)
+    rng = np.random.default_rng(300)
     base = [(rng.standard_normal(s) * 3).astype(np.float32) for s in SHAPES]
     for dtype in (np.float32, ml_dtypes.bfloat16, np.float16):
         grads = [b.astype(dtype) for b in base]
@@ -131,7 +119,7 @@ def _norms_and_clipping(out):
 def _batchnorm(out):
     shapes = {"NC": (64, 48), "NCHW": (8, 12, 9, 7), "NHWC": (8, 9, 7, 12)}
     for layout, shape in shapes.items():
-        rng = _fixed_rng(400)
+        rng = np.random.default_rng(400)
         c = shape[1] if layout != "NHWC" else shape[-1]
         x = (rng.standard_normal(shape) * 2 + 100).astype(np.float32)
         dy = rng.standard_normal(shape).astype(np.float32)
