@@ -29,8 +29,6 @@ from optcore import kernels
 import test_lowp as lowp
 import test_lowp_params as lowp_params
 from test_kernels import CONFIGS, kernel_call, make_state
-from test_lowp import ALL
-from test_lowp_params import MODES
 
 SHAPES = [(70001,), (33,)]
 
@@ -63,13 +61,13 @@ def _results_of(out, name, opt, ps, extra=()):
 
 
 def _optimizers(out):
-    for c, (cls, hyper) in enumerate(ALL):
+    for c, (cls, hyper) in enumerate(lowp.ALL):
         for state_dtype in ("bfloat16", "int8"):
             opt, ps, gs = lowp.make(cls, hyper, state_dtype, n=SHAPES[0][0], small=SHAPES[1][0],
                                     seed=100 + c, min_8bit_size=32)
             lowp.run(opt, ps, gs, 3)
             _results_of(out, f"opt{c}.{cls.__name__}.{state_dtype}", opt, ps)
-        for mode in MODES:
+        for mode in lowp_params.MODES:
             opt, ps, gs, copies = lowp_params.make(mode, cls, hyper, shapes=SHAPES, seed=200 + c)
             for t in range(3):
                 lowp_params.set_grads(ps, gs, t)

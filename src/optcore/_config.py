@@ -14,8 +14,8 @@ def config():
     ``openmp_version`` (the ``_OPENMP`` date, 0 without OpenMP), ``isa`` (the instruction set
     the kernels dispatch to on this CPU: ``avx512f``, ``avx2``, ``x86-64`` or the
     architecture), ``isa_dispatch`` (bool: the loader picked ``isa`` for this CPU; False for a
-    build of one path, ``-Disa=...``, or another architecture), ``num_threads``, ``num_procs``, ``flush_denormal``, ``chunk`` (elements
-    per work item).
+    build of one path, ``-Disa=...``, or another architecture), ``num_threads``,
+    ``num_procs``, ``flush_denormal``, ``chunk`` (elements per work item).
     """
     from optcore import __version__
 

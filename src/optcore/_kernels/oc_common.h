@@ -7,8 +7,9 @@
  *   prepared once per tile in a small L1-resident buffer (scale, clamp, weight decay), then the
  *   rule's loop runs branch-free over it. Memory still sees one sweep.
  * - OC_CLONES compiles a driver for AVX-512 (x86-64-v4), AVX2 and baseline x86-64; the loader picks one at
- *   run time (GNU ifunc). Elsewhere it is empty and the baseline build is used, and so it is
- *   when the build names one x86-64 path (OPTCORE_ISA, meson -Disa=...: the flags for it).
+ *   run time (GNU ifunc); OC_ISA_DISPATCH says so. Elsewhere it is empty and the baseline
+ *   build is used, and so it is when the build names one x86-64 path (OPTCORE_ISA, the path's
+ *   name, set by meson -Disa=... with the flags for it).
  * - OpenMP is optional: without it (OPTCORE_NO_OPENMP) every driver runs on one thread.
  */
 #ifndef OC_COMMON_H
@@ -33,10 +34,12 @@
 #endif
 
 #if OC_X86_DISPATCH && !defined(OPTCORE_ISA)
+#define OC_ISA_DISPATCH 1
 /* x86-64-v4 = AVX-512 F, BW, DQ, VL, CD: with AVX512BW the 16-bit and 8-bit element formats
  * (oc_lowp.h) vectorize at full width too; AVX512F alone narrows them in 256-bit halves. */
 #define OC_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
+#define OC_ISA_DISPATCH 0
 #define OC_CLONES
 #endif
 

@@ -35,7 +35,7 @@ static inline int oc_num_procs(void) {
  * was made for (OPTCORE_ISA), named alike. */
 static inline const char *oc_isa(void) {
 #if defined(OPTCORE_ISA)
-    return __builtin_strcmp(OPTCORE_ISA, "x86-64-v4") == 0 ? "avx512f" : OPTCORE_ISA;
+    return OPTCORE_ISA;
 #elif OC_X86_DISPATCH
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
@@ -52,13 +52,7 @@ static inline const char *oc_isa(void) {
 }
 
 /* 1 when the loader picks the instruction set per CPU, 0 for a build of one path. */
-static inline int oc_isa_dispatch(void) {
-#if OC_X86_DISPATCH && !defined(OPTCORE_ISA)
-    return 1;
-#else
-    return 0;
-#endif
-}
+static inline int oc_isa_dispatch(void) { return OC_ISA_DISPATCH; }
 
 /* Process-wide execution state. Only _runtime.pyx includes this header; the other kernel
  * families reach these through its exported exec_begin/exec_end. */
